@@ -1,0 +1,1 @@
+"""Per-sample projected gradient capture (plain PyTorch hooks + a Lightning callback)."""

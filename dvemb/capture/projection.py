@@ -1,0 +1,120 @@
+"""Seeded Gaussian projections of per-sample Linear-layer gradients.
+
+A Linear layer W: d_in -> d_out (bias = an extra input fixed at 1) has a per-sample weight
+gradient ``sum_tokens ds a^T`` of shape [d_out, d_in + 1]. We keep the projected version
+``sum_tokens (P_s ds)(P_a a)^T`` of shape [k_s, k_a], flattened row-major. ``P`` entries are
+N(0, 1/k), drawn from a recorded per-layer seed; a side whose k >= d uses the identity (exact).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def layer_seed(base_seed: int, layer: str) -> int:
+    """Stable per-layer seed (independent of Python's hash randomisation)."""
+    return (base_seed * 1_000_003 + zlib.crc32(layer.encode())) % (2**31)
+
+
+@dataclass(frozen=True)
+class LayerProjection:
+    """How one layer's gradient is compressed. ``d_in`` counts the bias input."""
+
+    d_in: int
+    d_out: int
+    k_a: int
+    k_s: int
+    seed: int
+
+    @property
+    def identity_a(self) -> bool:
+        return self.k_a >= self.d_in
+
+    @property
+    def identity_s(self) -> bool:
+        return self.k_s >= self.d_out
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the stored per-sample gradient matrix."""
+        return (
+            self.d_out if self.identity_s else self.k_s,
+            self.d_in if self.identity_a else self.k_a,
+        )
+
+    @property
+    def dim(self) -> int:
+        """Length of the flattened per-sample gradient."""
+        return self.shape[0] * self.shape[1]
+
+    def to_json(self) -> dict:
+        return asdict(self) | {
+            "identity_a": self.identity_a,
+            "identity_s": self.identity_s,
+            "dim": self.dim,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> LayerProjection:
+        return cls(d_in=d["d_in"], d_out=d["d_out"], k_a=d["k_a"], k_s=d["k_s"], seed=d["seed"])
+
+
+def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """[rows, cols] float64 matrix with N(0, 1/rows) entries, identical on every device."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float64) / rows**0.5
+
+
+class Projector:
+    """Applies a LayerProjection to layer inputs / output-gradients on a device and dtype."""
+
+    def __init__(
+        self,
+        spec: LayerProjection,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        self.spec = spec
+        self.dtype = dtype
+        # P_a: [k_a, d_in]; P_s: [k_s, d_out]; None = identity.
+        self.p_a = None if spec.identity_a else gaussian(spec.k_a, spec.d_in, spec.seed).to(device, dtype)
+        self.p_s = None if spec.identity_s else gaussian(spec.k_s, spec.d_out, spec.seed + 1).to(device, dtype)
+
+    def project_inputs(self, a: torch.Tensor) -> torch.Tensor:
+        """a: [..., d_in - 1] layer input -> [..., k_a] (bias column of ones appended first)."""
+        a = a.to(self.dtype)
+        a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        return a if self.p_a is None else a @ self.p_a.T
+
+    def project_output_grads(self, ds: torch.Tensor) -> torch.Tensor:
+        """ds: [..., d_out] gradient w.r.t. the layer output -> [..., k_s]."""
+        ds = ds.to(self.dtype)
+        return ds if self.p_s is None else ds @ self.p_s.T
+
+    def per_sample(self, a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
+        """Per-sample projected weight gradients.
+
+        a: [B, d] or [B, S, d]; ds: [B, d_out] or [B, S, d_out] -> [B, k_s * k_a] (tokens summed).
+        """
+        pa, ps = self.project_inputs(a), self.project_output_grads(ds)
+        if pa.dim() == 2:
+            g = ps[:, :, None] * pa[:, None, :]
+        elif pa.dim() == 3:
+            g = torch.bmm(ps.transpose(1, 2), pa)
+        else:
+            raise ValueError(f"layer input must be [B, d] or [B, S, d], got shape {tuple(a.shape)}")
+        return g.reshape(g.shape[0], -1)
+
+    def project_matrix(self, grad_w: torch.Tensor) -> torch.Tensor:
+        """A full [d_out, d_in] (bias included) gradient -> flattened projected [k_s * k_a]."""
+        g = grad_w.to(self.dtype)
+        if self.p_s is not None:
+            g = self.p_s @ g
+        if self.p_a is not None:
+            g = g @ self.p_a.T
+        return g.reshape(-1)

@@ -1,0 +1,81 @@
+"""Embedding a run of steps (Algorithm 1) and composing segments (Algorithm 2).
+
+A segment [b_j, b_{j+1}) processed from a fresh propagator gives *local* embeddings
+DVEmb^(t -> b_{j+1}) and the segment propagator K_j = A_{b_{j+1}-1} … A_{b_j}. Embeddings at
+checkpoint b_m are K_{m-1} … K_{j+1} applied to the local ones. The sequential algorithm is the
+one-segment case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dvemb.capture.hooks import StepGrads
+from dvemb.embed.propagator import Curvature, Propagator
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-step learning rate actually applied and coupled weight decay, indexed by step."""
+
+    lr: Sequence[float]
+    weight_decay: Sequence[float]
+
+    def at(self, step: int) -> tuple[float, float]:
+        if not 0 <= step < len(self.lr):
+            raise IndexError(f"step {step}: the schedule covers steps 0..{len(self.lr) - 1}")
+        return float(self.lr[step]), float(self.weight_decay[step])
+
+
+CurvatureFn = Callable[[StepGrads], Curvature]
+
+
+def embed_steps(
+    records: Sequence[StepGrads],
+    schedule: Schedule,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    curvature: CurvatureFn | None = None,
+) -> tuple[list[StepGrads], Propagator]:
+    """Backward recursion over consecutive ``records`` (ascending steps) from Q = I.
+
+    Returns the embeddings (same rows as ``records``; ``grads`` holds DVEmb to the end of the
+    run of steps) and the propagator A_{last} … A_{first} of the whole run.
+    """
+    for prev, nxt in zip(records, records[1:]):
+        if nxt.step != prev.step + 1:
+            raise ValueError(f"steps must be consecutive: step {nxt.step} follows step {prev.step}")
+    dims = {n: g.shape[1] for n, g in records[0].grads.items()}
+    prop = Propagator(dims, dtype, device)
+    out = []
+    for rec in reversed(records):
+        lr, wd = schedule.at(rec.step)
+        emb = prop.step(rec, lr, wd, curvature(rec) if curvature else None)
+        out.append(StepGrads(rec.step, rec.sample_ids, rec.weights, emb))
+    out.reverse()
+    return out, prop
+
+
+def compose(
+    local: Sequence[Sequence[StepGrads]], propagators: Sequence[Propagator], upto: int | None = None
+) -> list[StepGrads]:
+    """Global embeddings at checkpoint b_m (m = ``upto``, default K = the end of the run).
+
+    local[j]: segment j's local embeddings; propagators[j]: K_j. Only segments j < m contribute.
+    """
+    m = len(propagators) if upto is None else upto
+    if not 0 <= m <= len(propagators):
+        raise ValueError(f"checkpoint index {m} outside 0..{len(propagators)}")
+    if m == 0:
+        return []
+    p0 = propagators[0]
+    r = Propagator(p0.dims, p0.dtype, p0.device)  # R = K_{m-1} … K_{j+1}, identity for j = m-1
+    parts: list[list[StepGrads]] = []
+    for j in range(m - 1, -1, -1):
+        parts.append([StepGrads(e.step, e.sample_ids, e.weights, r.apply(e.grads)) for e in local[j]])
+        if j > 0:
+            r.compose(propagators[j])
+    return [e for part in reversed(parts) for e in part]

@@ -1,0 +1,1 @@
+"""Validation gradients, occurrence scores, per-sample values and time windows."""

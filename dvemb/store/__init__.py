@@ -1,0 +1,1 @@
+"""On-disk stores: Arrow IPC gradient/embedding segments, projection.json, atomic writes."""
