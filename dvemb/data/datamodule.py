@@ -1,0 +1,221 @@
+"""Lightning DataModule over dvemb tables with a deterministic, recorded batch order.
+
+Batches are dicts:
+    * features: ``{"sample_id": LongTensor[B], "x": FloatTensor[B, d], "y": LongTensor[B]}``
+    * text: ``{"sample_id": LongTensor[B], "x": LongTensor[B, S], "y": LongTensor[B, S]}``
+      (``x = tokens[:, :-1]``, ``y = tokens[:, 1:]``)
+
+The training order of epoch ``e`` depends only on ``(seed, e)`` and is available in advance
+(``PlannedBatchSampler.plan`` / ``TableDataModule.planned_order``), so training can record it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dvemb.data.tables import table_features, table_ids, table_kind, table_labels, table_tokens
+
+TableLike = pa.Table | str | os.PathLike[str]
+_SUBSET_SALT = 0x5B5E7  # keeps the subset draw independent of the epoch shuffles
+
+
+class PlannedBatchSampler(Sampler[list[int]]):
+    """Yields lists of row indices; the order of epoch ``e`` is a pure function of ``(seed, e)``.
+
+    Use it as a DataLoader ``sampler`` with ``batch_size=None`` (so Lightning calls its
+    ``set_epoch`` before each epoch; Lightning does not call it on a ``batch_sampler``).
+    ``len`` is the number of batches per epoch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose plan ``__iter__`` yields."""
+        self.epoch = epoch
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        """Row indices (int64) of each batch of ``epoch``, in order."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        stop = (self.n // self.batch_size) * self.batch_size if self.drop_last else self.n
+        return [order[i : i + self.batch_size].astype(np.int64) for i in range(0, stop, self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.plan(self.epoch):
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+
+class TableDataset(Dataset):
+    """In-memory tensors of one table; indexing with a list of rows returns a whole batch dict."""
+
+    def __init__(self, table: pa.Table, dtype: torch.dtype = torch.float32) -> None:
+        self.kind = table_kind(table)
+        self.sample_id = torch.from_numpy(table_ids(table).copy())
+        if self.kind == "text":
+            self.tokens = torch.from_numpy(table_tokens(table).astype(np.int64))
+        else:
+            x = table_features(table)
+            self.x = torch.from_numpy(x if x.flags.writeable else x.copy()).to(dtype)
+            self.y = torch.from_numpy(table_labels(table).copy())
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+    def batch(self, rows: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch dict for table rows ``rows``."""
+        idx = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        if self.kind == "text":
+            t = self.tokens[idx]
+            return {"sample_id": self.sample_id[idx], "x": t[:, :-1], "y": t[:, 1:]}
+        return {"sample_id": self.sample_id[idx], "x": self.x[idx], "y": self.y[idx]}
+
+    def __getitem__(self, rows: int | Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """A batch dict for a list of rows (what the DataLoader passes); one sample for an int."""
+        if isinstance(rows, (int, np.integer)):
+            return {k: v[0] for k, v in self.batch([int(rows)]).items()}
+        return self.batch(rows)
+
+
+def _identity(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return batch
+
+
+def _read(table: TableLike) -> pa.Table:
+    return table if isinstance(table, pa.Table) else pq.read_table(Path(table))
+
+
+def _subset(table: pa.Table, n: int | None, seed: int) -> pa.Table:
+    """First ``n`` rows of a seeded shuffle, kept in table order (``None`` or n >= N: all)."""
+    if n is None or n >= table.num_rows:
+        return table
+    rows = np.sort(np.random.default_rng([seed, _SUBSET_SALT]).permutation(table.num_rows)[:n])
+    return table.take(pa.array(rows))
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "float64": torch.float64}
+    if dtype not in table:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return table[dtype]
+
+
+class TableDataModule(L.LightningDataModule):
+    """DataModule over train/val/test tables (``pa.Table`` or Parquet paths).
+
+    Training batches follow ``PlannedBatchSampler(seed, shuffle, drop_last)``; val/test are
+    in table order, never dropped. ``subset`` / ``eval_subset`` keep the first n rows of a
+    seeded shuffle of train / of val and test. ``dtype`` applies to feature ``x``.
+    """
+
+    def __init__(
+        self,
+        train: TableLike,
+        val: TableLike | None = None,
+        test: TableLike | None = None,
+        *,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        subset: int | None = None,
+        eval_subset: int | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.dtype = _as_dtype(dtype)
+        self.num_workers = num_workers
+        self.tables: dict[str, pa.Table] = {"train": _subset(_read(train), subset, seed)}
+        for name, t in (("val", val), ("test", test)):
+            if t is not None:
+                self.tables[name] = _subset(_read(t), eval_subset, seed)
+        self.datasets = {k: TableDataset(t, self.dtype) for k, t in self.tables.items()}
+        self.train_sampler = PlannedBatchSampler(len(self.datasets["train"]), batch_size, seed, shuffle, drop_last)
+
+    @property
+    def kind(self) -> str:
+        """``"features"`` or ``"text"``."""
+        return self.datasets["train"].kind
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Number of training batches per epoch."""
+        return len(self.train_sampler)
+
+    def sample_ids(self, split: str = "train") -> np.ndarray:
+        """``sample_id``s of a split, in table order (int64 [N])."""
+        return self.datasets[split].sample_id.numpy()
+
+    def epoch_order(self, epoch: int) -> list[np.ndarray]:
+        """Per-step ``sample_id`` arrays (int64) of training epoch ``epoch``."""
+        ids = self.sample_ids("train")
+        return [ids[rows] for rows in self.train_sampler.plan(epoch)]
+
+    def planned_order(self, epochs: int, start_epoch: int = 0) -> list[np.ndarray]:
+        """Per-step ``sample_id`` arrays for epochs ``start_epoch .. start_epoch + epochs - 1``."""
+        return [b for e in range(start_epoch, start_epoch + epochs) for b in self.epoch_order(e)]
+
+    def get_batch(self, sample_ids: Sequence[int] | np.ndarray, split: str = "train") -> dict[str, torch.Tensor]:
+        """The batch dict for explicit ``sample_id``s (e.g. to replay a recorded step)."""
+        ids = self.sample_ids(split)
+        order = np.argsort(ids)
+        want = np.asarray(sample_ids, dtype=np.int64)
+        pos = np.searchsorted(ids, want, sorter=order)
+        pos = np.minimum(pos, len(ids) - 1)
+        rows = order[pos]
+        if not np.array_equal(ids[rows], want):
+            missing = want[ids[rows] != want]
+            raise KeyError(f"sample_id {int(missing[0])} is not in the {split} table")
+        return self.datasets[split].batch(rows)
+
+    def _loader(self, split: str, sampler: PlannedBatchSampler) -> DataLoader:
+        # The planned sampler is passed as ``sampler`` (yielding row lists) with automatic
+        # batching off, so Lightning's per-epoch ``dataloader.sampler.set_epoch`` reaches it.
+        return DataLoader(
+            self.datasets[split],
+            sampler=sampler,
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.train_sampler)
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        """In-order loader of ``split``; ``[]`` (Lightning skips it) when no table was given."""
+        if split not in self.datasets:
+            return []
+        n = len(self.datasets[split])
+        return self._loader(split, PlannedBatchSampler(n, self.eval_batch_size, self.seed, False, False))
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")
+
+
+__all__ = ["PlannedBatchSampler", "TableDataModule", "TableDataset"]

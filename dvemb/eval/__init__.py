@@ -1,0 +1,1 @@
+"""Ground truth by replaying the recorded trajectory, baselines and fidelity metrics."""
