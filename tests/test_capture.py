@@ -10,7 +10,12 @@ from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
 from dvemb.errors import CaptureError, NonFiniteGradientError
 from dvemb.models import GPT, MLP, GPTConfig, MLPConfig
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
 
 
 def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dvemb.data import atomic, fetch
+from dvemb.data import fetch
 from dvemb.data.datamodule import PlannedBatchSampler, TableDataModule
-from dvemb.data.errors import ChecksumError, FetchError, TableValidationError
 from dvemb.data.tables import (
     corrupted_table,
     feature_table,
@@ -29,6 +28,8 @@ from dvemb.data.tables import (
     write_splits,
 )
 from dvemb.data.tokenizer import GPT2Tokenizer
+from dvemb.errors import ChecksumError, FetchError, TableValidationError
+from dvemb.store import atomic
 
 # ----------------------------------------------------------------------------- sources
 

@@ -1,8 +1,6 @@
 """Offline data sources → Parquet tables with ``sample_id``; GPT-2 tokenizer; DataModule."""
 
-from dvemb.data.atomic import write_parquet_atomic
 from dvemb.data.datamodule import PlannedBatchSampler, TableDataModule, TableDataset
-from dvemb.data.errors import ChecksumError, DataError, FetchError, TableValidationError
 from dvemb.data.tables import (
     SOURCES,
     SPLITS,
@@ -14,6 +12,8 @@ from dvemb.data.tables import (
     write_splits,
 )
 from dvemb.data.tokenizer import GPT2Tokenizer
+from dvemb.errors import ChecksumError, DataError, FetchError, TableValidationError
+from dvemb.store.atomic import write_parquet_atomic
 
 __all__ = [
     "SOURCES",

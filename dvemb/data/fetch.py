@@ -33,8 +33,8 @@ from typing import Literal
 import numpy as np
 import pyarrow.csv as pacsv
 
-from dvemb.data.atomic import save_npz_atomic, write_bytes_atomic
-from dvemb.data.errors import ChecksumError, FetchError
+from dvemb.errors import ChecksumError, FetchError
+from dvemb.store.atomic import save_npz_atomic, write_bytes_atomic
 
 CACHE_ENV = "DVEMB_CACHE"
 

@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dvemb.data import fetch
-from dvemb.data.atomic import save_npz_atomic, write_parquet_atomic
-from dvemb.data.errors import TableValidationError
+from dvemb.errors import TableValidationError
+from dvemb.store.atomic import save_npz_atomic, write_parquet_atomic
 
 SPLITS = ("train", "val", "test")
 SOURCES = ("mnist", "mnist5k", "digits", "shakespeare")

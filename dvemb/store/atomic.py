@@ -1,40 +1,72 @@
-"""Atomic file writes: write under a temporary name in the same folder, then rename.
+"""Atomic file writes: write to a temporary sibling, then ``os.replace`` onto the target.
 
-A crash leaves either the old file or no file, never a half-written one under the final name.
+A crash or exception mid-write never leaves a partial file under the target name,
+and the temporary file is removed on failure.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 
 def temp_path_for(path: Path) -> Path:
-    """A fresh hidden temporary file in ``path``'s folder (created empty)."""
+    """A fresh hidden temporary file name in ``path``'s folder (the folder is created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path``."""
-    path = Path(path)
-    tmp = temp_path_for(path)
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    The parent directory is created. On any exception the temporary file is deleted
+    and the target is left untouched.
+    """
+    target = Path(path)
+    tmp = temp_path_for(target)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def write_json(path: str | os.PathLike, obj: object) -> None:
+def write_bytes_atomic(path: str | os.PathLike[str], writer: Callable[[BinaryIO], None]) -> Path:
+    """Call ``writer(fileobj)`` on a temporary file, fsync it, then rename onto ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        writer(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike[str]) -> Path:
+    """Write ``table`` as Parquet to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def save_npz_atomic(path: str | os.PathLike[str], **arrays: np.ndarray) -> Path:
+    """Save numeric arrays to an uncompressed ``.npz`` atomically (no object arrays)."""
+    for name, a in arrays.items():
+        if a.dtype == object:
+            raise TypeError(f"array {name!r} has dtype object; refusing (no pickle)")
+    return write_bytes_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def write_json(path: str | os.PathLike[str], obj: object) -> None:
     """Atomically write ``obj`` as indented JSON."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
