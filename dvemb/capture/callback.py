@@ -1,0 +1,171 @@
+"""Lightning callback: per-sample projected gradients, the exact trajectory and boundary checkpoints.
+
+Writes into a :class:`~dvemb.store.rundir.RunDir`: ``grads/seg-XXXX-rank-0.arrow`` (one file per
+segment, each written atomically when the segment ends), ``grads/projection.json``,
+``checkpoints/step-XXXXXX.safetensors`` at every segment boundary and at the end, and
+``trajectory/steps.parquet`` / ``batches.parquet``. Each batch must carry ``batch["sample_id"]``.
+The learning rate recorded is the one in the optimizer when it steps (schedules included).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import numpy as np
+import polars as pl
+import torch
+
+from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
+from dvemb.store.atomic import atomic_path
+from dvemb.store.gradstore import SegmentWriter, write_projection
+from dvemb.store.rundir import RunDir, save_tensors
+
+log = logging.getLogger(__name__)
+
+
+def segment_boundaries(total_steps: int, segments: int) -> list[int]:
+    """0 = b_0 < … < b_K = T, as even as possible (K <= T)."""
+    k = max(1, min(segments, total_steps))
+    return sorted({round(i * total_steps / k) for i in range(k + 1)})
+
+
+def write_parquet(df: pl.DataFrame, path) -> None:
+    with atomic_path(path) as tmp:
+        df.write_parquet(tmp)
+
+
+class GradientLogger(L.Callback):
+    """Records what DVEmb needs while a LightningModule with a ``.model`` attribute trains."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        projection: ProjectionConfig,
+        segments: int = 1,
+        layers: str | list[str] | None = None,
+        reduction: str = "mean",
+    ):
+        self.run, self.projection, self.segments = run, projection, segments
+        self.layers, self.reduction = layers, reduction
+        self.capture: GradientCapture | None = None
+        self.boundaries: list[int] = []
+        self._writer: SegmentWriter | None = None
+        self._ctx = None
+        self._step_rows: list[dict] = []
+        self._batch_rows: list[pl.DataFrame] = []
+        self._lr_wd = (0.0, 0.0)
+        self._scale = 1.0
+
+    # --- set-up ---------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = int(trainer.estimated_stepping_batches)
+        self.boundaries = segment_boundaries(total, self.segments)
+        self.capture = GradientCapture(pl_module.model, self.projection, self.layers)
+        write_projection(self.run.projection, self.capture.specs, self.projection)
+        self.run.update_meta(boundaries=self.boundaries, total_steps=total, status="training")
+
+    def _scaler(self, trainer: L.Trainer):
+        return getattr(trainer.precision_plugin, "scaler", None)
+
+    def _segment_of(self, step: int) -> int:
+        return int(np.searchsorted(self.boundaries, step, side="right")) - 1
+
+    # --- per micro-batch ------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self._writer is None:  # first micro-batch of a segment
+            if step in self.boundaries:
+                save_tensors(self.run.checkpoint(step), pl_module.model.state_dict())
+            j = self._segment_of(step)
+            dims = {n: s.dim for n, s in self.capture.specs.items()}
+            self._writer = SegmentWriter(self.run.grads(j), dims, dtype=self.projection.dtype)
+        scaler = self._scaler(trainer)
+        self._scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        ids = batch["sample_id"]
+        w = loss_weight(self.reduction, len(ids), trainer.accumulate_grad_batches)
+        self._ctx = self.capture.micro_batch(ids, weight=w, loss_scale=self._scale)
+        self._ctx.__enter__()
+        self._step_before = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        group = optimizer.param_groups[0]
+        wd = group.get("weight_decay", 0.0) if isinstance(optimizer, torch.optim.SGD) else 0.0
+        self._lr_wd = (float(group["lr"]), float(wd))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        ctx, self._ctx = self._ctx, None
+        ctx.__exit__(None, None, None)
+        if trainer.global_step == self._step_before:
+            return  # gradient accumulation: the optimizer has not stepped yet
+        step = self._step_before
+        lr, wd = self._lr_wd
+        scaler = self._scaler(trainer)
+        if scaler is not None and float(scaler.get_scale()) < self._scale:
+            # AMP overflow: the scaler skipped this update, so the step changed nothing.
+            self.capture.discard()
+            rec = None
+            lr = 0.0
+        else:
+            rec = self.capture.collect(step)
+        if rec is None:
+            ids = batch["sample_id"].cpu()
+            log.warning("step %d: AMP overflow, update skipped; recorded with lr 0 and zero gradients", step)
+            dims = {n: s.dim for n, s in self.capture.specs.items()}
+            self._writer.write(
+                step,
+                ids,
+                torch.zeros(len(ids), dtype=torch.float64),
+                {n: torch.zeros(len(ids), d) for n, d in dims.items()},
+            )
+            weights = np.zeros(len(ids))
+        else:
+            self._writer.write_step(rec)
+            ids, weights = rec.sample_ids, rec.weights.numpy()
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._step_rows.append(
+            {
+                "step": step,
+                "epoch": trainer.current_epoch,
+                "lr": lr,
+                "weight_decay": wd,
+                "batch_size": len(ids),
+                "loss": float(loss.detach()) if loss is not None else float("nan"),
+            }
+        )
+        self._batch_rows.append(
+            pl.DataFrame(
+                {
+                    "step": np.full(len(ids), step, dtype=np.int64),
+                    "position": np.arange(len(ids), dtype=np.int64),
+                    "sample_id": ids.numpy().astype(np.int64),
+                    "weight": weights.astype(np.float64),
+                }
+            )
+        )
+        if step + 1 in self.boundaries:
+            self._writer.close()
+            self._writer = None
+            save_tensors(self.run.checkpoint(step + 1), pl_module.model.state_dict())
+
+    # --- the end ----------------------------------------------------------------------------
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._writer is not None:  # stopped early: keep what was recorded, say so
+            self._writer.close()
+            self._writer = None
+        last = self._step_rows[-1]["step"] + 1 if self._step_rows else 0
+        if last != self.boundaries[-1]:
+            log.warning("training stopped at step %d of %d; later segments are missing", last, self.boundaries[-1])
+        write_parquet(pl.DataFrame(self._step_rows), self.run.steps)
+        write_parquet(pl.concat(self._batch_rows), self.run.batches)
+        self.run.update_meta(status="trained", steps_done=last)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._ctx is not None:
+            self.capture.discard()
+            self._ctx = None
+        if self._writer is not None:
+            self._writer.abort()  # the segment in progress leaves no file; finished ones stay
+            self._writer = None
+        step = self._step_rows[-1]["step"] + 1 if self._step_rows else 0
+        self.run.update_meta(status="failed", failed_at_step=step, error=f"{type(exception).__name__}: {exception}")

@@ -1,0 +1,140 @@
+"""Run configuration: pydantic models shared by YAML files, the CLI (--set a.b=c) and Prefect UI forms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dvemb.errors import DvembError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Section):
+    source: Literal["digits", "mnist5k", "mnist", "shakespeare", "parquet"] = "digits"
+    train_path: str | None = Field(None, description="user Parquet (source=parquet)")
+    val_path: str | None = None
+    test_path: str | None = None
+    subset: int | None = Field(None, ge=1, description="keep this many training rows (seeded)")
+    eval_subset: int | None = Field(None, ge=1, description="keep this many val/test rows (seeded)")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    block_size: int = Field(64, ge=2, description="tokens per text block (shakespeare)")
+    batch_size: int = Field(32, ge=1)
+    label_noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped on purpose")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _paths(self) -> DataConfig:
+        if self.source == "parquet" and not self.train_path:
+            raise ValueError("source 'parquet' needs train_path")
+        return self
+
+
+class ModelConfig(Section):
+    kind: Literal["mlp", "gpt"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [32])
+    activation: Literal["tanh", "relu", "gelu"] = "tanh"
+    n_layer: int = Field(2, ge=1)
+    n_head: int = Field(2, ge=1)
+    n_embd: int = Field(64, ge=8)
+    seed: int = 0
+
+
+class TrainConfig(Section):
+    epochs: int = Field(3, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    precision: Literal["64-true", "32-true", "16-mixed", "bf16-mixed"] = "32-true"
+    reduction: Literal["mean", "sum"] = "mean"
+
+
+class CaptureConfig(Section):
+    k_a: int | None = Field(32, ge=1, description="input-side projection size; null = exact")
+    k_s: int | None = Field(32, ge=1, description="output-gradient-side projection size; null = exact")
+    seed: int = 0
+    dtype: Literal["float32", "float64"] = "float32"
+    layers: str | list[str] | None = Field(None, description="glob pattern or names; null = every nn.Linear")
+
+
+class EmbedConfig(Section):
+    segments: int = Field(4, ge=1, description="influence checkpoints; segments run in parallel")
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str = "cpu"
+
+
+class ScoreConfig(Section):
+    mode: Literal["embedding", "direct"] = "embedding"
+    checkpoints: bool = Field(True, description="also score at every intermediate segment boundary")
+
+
+class CurateConfig(Section):
+    drop: Literal["negative", "quantile", "none"] = "negative"
+    quantile: float = Field(0.1, ge=0, lt=1, description="lowest fraction dropped when drop=quantile")
+
+
+class RunConfig(Section):
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+
+
+class ConfigError(DvembError):
+    """A config file or override breaks a rule; the message names the field."""
+
+
+def _explain(err: ValidationError, where: str) -> ConfigError:
+    lines = [f"{where}: invalid config"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+    return ConfigError("\n".join(lines))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=c' -> (['a', 'b'], yaml-parsed c)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.path=value")
+    key, value = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults), apply ``--set`` overrides, validate."""
+    raw: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: no such config file") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise _explain(e, where + (f" with overrides {list(overrides)}" if overrides else "")) from None

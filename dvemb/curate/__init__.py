@@ -1,0 +1,1 @@
+"""Curation: filter and reorder training data by value; plans for the next run."""

@@ -1,0 +1,82 @@
+"""Stage ``score``: validation gradients at the final and intermediate checkpoints, occurrence scores."""
+
+from __future__ import annotations
+
+import polars as pl
+import torch
+
+from dvemb.capture.hooks import GradientCapture, ProjectionConfig
+from dvemb.config import RunConfig
+from dvemb.data import TableDataModule
+from dvemb.embed.direct import direct_scores
+from dvemb.embed.run import DTYPES, load_embeddings
+from dvemb.models.registry import build_model
+from dvemb.score.scores import occurrence_table, sample_values, segment_scores
+from dvemb.score.validation import validation_gradients
+from dvemb.store.atomic import atomic_path
+from dvemb.store.gradstore import read_projection, read_segment
+from dvemb.store.rundir import RunDir, load_tensors
+from dvemb.store.trajectory import read_schedule, read_steps
+
+
+def model_at(run: RunDir, cfg: RunConfig, step: int) -> torch.nn.Module:
+    """The model with the weights of checkpoint ``step``."""
+    shape = run.meta()["model_shape"]
+    model = build_model(cfg.model, shape["d_in"], shape["n_out"], shape["block_size"])
+    state = load_tensors(run.checkpoint(step))
+    model.load_state_dict(state)
+    return model.to(next(iter(state.values())).dtype)
+
+
+def val_vectors(run: RunDir, cfg: RunConfig, step: int, batch_size: int = 512) -> dict[str, torch.Tensor]:
+    """Projected gradient of the mean validation loss at checkpoint ``step``: layer -> [1, D]."""
+    model = model_at(run, cfg, step)
+    c = cfg.capture
+    cap = GradientCapture(model, ProjectionConfig(c.k_a, c.k_s, c.seed, c.dtype), c.layers)
+    dtype = next(model.parameters()).dtype
+    dm = TableDataModule(run.data("val"), batch_size=batch_size, shuffle=False, dtype=dtype)
+    ds = dm.datasets["train"]
+    batches = [(b["x"], b["y"]) for b in (ds.batch(rows) for rows in dm.train_sampler.plan(0))]
+    n = len(ds)
+    sums = validation_gradients(model, cap, batches, reduce=False, store_projection=read_projection(run.projection))
+    cap.remove()
+    return {k: v.sum(0, keepdim=True) / n for k, v in sums.items()}
+
+
+def score(run: RunDir, cfg: RunConfig) -> str:
+    """Write scores/occurrences.parquet (every occurrence at every checkpoint) and scores/samples.parquet."""
+    run.require("train")
+    b = run.boundaries
+    k = len(b) - 1
+    checkpoints = range(1, k + 1) if cfg.score.checkpoints else [k]
+    dtype, device = DTYPES[cfg.embed.dtype], cfg.embed.device
+    tables = []
+    if cfg.score.mode == "embedding":
+        local, props = load_embeddings(run, device)
+        steps_of = [e for seg in local for e in seg]
+        for m in checkpoints:
+            s = segment_scores(local, props, val_vectors(run, cfg, b[m]), upto=m)
+            tables.append(occurrence_table(steps_of[: b[m]], s, checkpoint=b[m]))
+    else:
+        records = [r for j in range(k) for r in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads")]
+        schedule = read_schedule(run)
+        for m in checkpoints:
+            s = direct_scores(records[: b[m]], schedule, val_vectors(run, cfg, b[m]), dtype=dtype, device=device)
+            tables.append(occurrence_table(records[: b[m]], s, checkpoint=b[m]))
+    epochs = read_steps(run).select("step", "epoch")
+    occ = (
+        pl.concat(tables)
+        .join(epochs, on="step", how="left")
+        .select("sample_id", "step", "epoch", "score", "checkpoint")
+    )
+    final = occ.filter(pl.col("checkpoint") == b[-1])
+    per_epoch = final.pivot(on="epoch", index="sample_id", values="score", aggregate_function="sum")
+    per_epoch = per_epoch.rename({c: f"value_epoch_{c}" for c in per_epoch.columns if c != "sample_id"})
+    epoch_cols = [c for c in per_epoch.columns if c != "sample_id"]
+    samples = (
+        sample_values(final).join(per_epoch, on="sample_id", how="left").with_columns(pl.col(epoch_cols).fill_null(0.0))
+    )
+    for df, path in ((occ.sort("checkpoint", "step", "sample_id"), run.occurrences), (samples, run.samples)):
+        with atomic_path(path) as tmp:
+            df.write_parquet(tmp)
+    return str(run.occurrences)

@@ -1,0 +1,1 @@
+"""Lightning training with gradient logging into a run directory."""
