@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,10 +115,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or the defaults), apply ``--set`` overrides, validate."""
-    raw: dict = {}
-    where = "defaults"
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Read a YAML config (or ``base``, or the defaults), apply ``--set`` overrides, validate."""
+    raw: dict = copy.deepcopy(base) if base else {}
+    where = "recorded config" if base else "defaults"
     if path is not None:
         where = str(path)
         try:

@@ -1,0 +1,27 @@
+"""The whole chain in one process, without Prefect (the CLI's ``--engine local``; tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dvemb.config import RunConfig, load_config
+from dvemb.curate.run import curate
+from dvemb.embed.run import embed_segment
+from dvemb.score.run import score
+from dvemb.store.rundir import RunDir
+from dvemb.train.run import train
+
+
+def config_of(run: RunDir, overrides: list[str] = ()) -> RunConfig:
+    """The config recorded in ``run``/run.json, with ``--set`` overrides applied."""
+    return load_config(None, list(overrides), base=run.meta()["config"])
+
+
+def run_local(cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True) -> RunDir:
+    """train -> embed (every segment) -> score -> curate, sequentially."""
+    run = train(cfg, RunDir(out), force=force, progress=progress)
+    for j in range(len(run.boundaries) - 1):
+        embed_segment(run, j, cfg.embed.dtype, cfg.embed.device)
+    score(run, cfg)
+    curate(run, cfg)
+    return run

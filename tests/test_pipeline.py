@@ -1,0 +1,118 @@
+"""The pipeline through the CLI (local engine): segment/mode invariance, run-directory safety, bad input."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from dvemb.cli import app
+from dvemb.config import RunConfig, load_config
+from dvemb.errors import StoreError
+from dvemb.store.gradstore import read_segment
+from dvemb.store.rundir import RunDir
+from dvemb.train.module import Trainee
+from dvemb.train.run import train
+
+runner = CliRunner()
+FAST = ["--set", "train.epochs=2", "--set", "data.subset=600"]
+
+
+def cli(*args: str):
+    res = runner.invoke(app, list(args))
+    return res
+
+
+def final_scores(run_dir) -> np.ndarray:
+    occ = pl.read_parquet(run_dir / "scores" / "occurrences.parquet")
+    t = occ["checkpoint"].max()
+    return occ.filter(pl.col("checkpoint") == t).sort("step", "sample_id")["score"].to_numpy()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for name, extra in [
+        ("k1", ["embed.segments=1"]),
+        ("k4", ["embed.segments=4"]),
+        ("direct", ["embed.segments=4", "score.mode=direct"]),
+    ]:
+        sets = [a for e in extra for a in ("--set", e)]
+        res = cli("run", "configs/digits_mlp.yaml", "--out", str(root / name), "--engine", "local", *FAST, *sets)
+        assert res.exit_code == 0, res.output
+    return root
+
+
+def test_segments_and_direct_mode_give_the_same_scores(runs):
+    k1, k4, direct = (final_scores(runs / n) for n in ("k1", "k4", "direct"))
+    assert len(k1) == len(k4) == len(direct) > 0
+    np.testing.assert_allclose(k4, k1, rtol=1e-4, atol=1e-4 * np.abs(k1).max())
+    np.testing.assert_allclose(direct, k1, rtol=1e-4, atol=1e-4 * np.abs(k1).max())
+
+
+def test_run_directory_contract(runs):
+    run = RunDir(runs / "k4")
+    meta = run.meta()
+    assert meta["boundaries"][0] == 0 and len(meta["boundaries"]) == 5 and meta["status"] == "trained"
+    RunConfig.model_validate(meta["config"])
+    for stage in ("train", "embed", "score", "curate"):
+        run.require(stage)
+    batches = pl.read_parquet(run.batches)
+    occ = pl.read_parquet(run.occurrences)
+    final = occ.filter(pl.col("checkpoint") == meta["boundaries"][-1])
+    joined = batches.join(final, on=["step", "sample_id"], how="left")
+    assert joined.height == batches.height == final.height and joined["score"].null_count() == 0
+    # intermediate checkpoints score exactly the occurrences before them
+    for b in meta["boundaries"][1:]:
+        assert occ.filter(pl.col("checkpoint") == b)["step"].max() == b - 1
+    samples = pl.read_parquet(run.samples)
+    assert samples["n_occurrences"].sum() == batches.height
+    steps = pl.read_parquet(run.steps)
+    assert steps["step"].to_list() == list(range(meta["boundaries"][-1]))
+    assert json.loads(run.projection.read_text())["layers"]["layers.0"]["k_a"] == 32
+    curated = pl.read_parquet(run.curated)
+    assert curated.height == samples.filter(pl.col("value") >= 0).height
+
+
+def test_existing_run_is_not_overwritten_without_force(runs):
+    target = runs / "k1"
+    before = (target / "scores" / "occurrences.parquet").stat().st_mtime_ns
+    res = cli("run", "configs/digits_mlp.yaml", "--out", str(target), "--engine", "local", *FAST)
+    assert res.exit_code == 2 and "pass --force" in res.output
+    assert (target / "scores" / "occurrences.parquet").stat().st_mtime_ns == before
+
+
+def test_invalid_config_names_field_and_rule(tmp_path):
+    res = cli("run", "configs/digits_mlp.yaml", "--set", "train.lr=-1", "--engine", "local")
+    assert res.exit_code == 2
+    assert "train.lr" in res.output and "greater than 0" in res.output
+    res = cli("run", "configs/digits_mlp.yaml", "--set", "embed.segmentz=2", "--engine", "local")
+    assert "embed.segmentz" in res.output and "Extra inputs" in res.output
+
+
+def test_interrupted_training_keeps_finished_segments_and_names_what_is_missing(tmp_path, monkeypatch):
+    cfg = load_config("configs/digits_mlp.yaml", ["train.epochs=2", "data.subset=600", "embed.segments=4"])
+    real_step = Trainee.training_step
+
+    def dying_step(self, batch, batch_idx):
+        if self.trainer.global_step == 20:
+            raise RuntimeError("node lost")
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(Trainee, "training_step", dying_step)
+    run = RunDir(tmp_path / "r")
+    with pytest.raises(RuntimeError, match="node lost"):
+        train(cfg, run, progress=False)
+    meta = run.meta()
+    assert meta["status"] == "failed" and meta["failed_at_step"] == 20
+    b = meta["boundaries"]  # [0, 10, 19, 28, 38] for 38 steps
+    done = [j for j in range(4) if b[j + 1] <= 20]
+    for j in done:  # finished segments are intact and complete
+        assert [r.step for r in read_segment(run.grads(j), range(b[j], b[j + 1]))] == list(range(b[j], b[j + 1]))
+    assert not run.grads(len(done)).exists()
+    assert not [p for p in run.root.rglob("*") if ".tmp" in p.name]  # no half-written files
+    with pytest.raises(StoreError, match=rf"stage 'train' is incomplete; missing .*seg-{len(done):04d}"):
+        run.require("train")
+    res = cli("status", str(run.root))
+    assert "incomplete" in res.output
