@@ -179,10 +179,20 @@ class GradientCapture:
         """
         if not self._rows:
             raise CaptureError(f"step {step}: no micro-batch was recorded")
-        ids = torch.cat([r[0] for r in self._rows])
-        weights = torch.cat([r[1] for r in self._rows])
-        grads = {n: torch.cat([r[2][n] for r in self._rows]) for n in self.tracked}
-        self._rows = []
+        rows, self._rows = self._rows, []
+        if len(rows) == 1:
+            ids, weights, grads = rows[0]
+        else:
+            ids = torch.cat([r[0] for r in rows])
+            weights = torch.cat([r[1] for r in rows])
+            grads = {n: torch.cat([r[2][n] for r in rows]) for n in self.tracked}
+        total = sum(g.sum() for g in grads.values())
+        if not bool(torch.isfinite(total)):  # one cheap check per step; locate the culprit only on failure
+            self._raise_non_finite(step, ids, grads)
+        return StepGrads(step=step, sample_ids=ids, weights=weights, grads=grads)
+
+    @staticmethod
+    def _raise_non_finite(step: int, ids: torch.Tensor, grads: dict[str, torch.Tensor]) -> None:
         for name, g in grads.items():
             bad = ~torch.isfinite(g).all(dim=1)
             if bad.any():
@@ -191,7 +201,7 @@ class GradientCapture:
                     f"step {step}, layer {name!r}: non-finite (NaN/Inf) gradient for {int(bad.sum())} "
                     f"sample(s), first sample_id {first}"
                 )
-        return StepGrads(step=step, sample_ids=ids, weights=weights, grads=grads)
+        raise NonFiniteGradientError(f"step {step}: the gradients overflow when summed")
 
     def discard(self) -> None:
         """Drop what was recorded since the last collect (e.g. an AMP step the scaler skipped)."""

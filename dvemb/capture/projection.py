@@ -84,12 +84,16 @@ class Projector:
         # P_a: [k_a, d_in]; P_s: [k_s, d_out]; None = identity.
         self.p_a = None if spec.identity_a else gaussian(spec.k_a, spec.d_in, spec.seed).to(device, dtype)
         self.p_s = None if spec.identity_s else gaussian(spec.k_s, spec.d_out, spec.seed + 1).to(device, dtype)
+        # [a, 1] @ P_a^T == a @ W + b: no copy of the input to append the bias column
+        self._w_a = None if self.p_a is None else self.p_a[:, :-1].T.contiguous()
+        self._b_a = None if self.p_a is None else self.p_a[:, -1].contiguous()
 
     def project_inputs(self, a: torch.Tensor) -> torch.Tensor:
         """a: [..., d_in - 1] layer input -> [..., k_a] (bias column of ones appended first)."""
         a = a.to(self.dtype)
-        a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-        return a if self.p_a is None else a @ self.p_a.T
+        if self.p_a is None:
+            return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        return torch.addmm(self._b_a, a, self._w_a) if a.dim() == 2 else a @ self._w_a + self._b_a
 
     def project_output_grads(self, ds: torch.Tensor) -> torch.Tensor:
         """ds: [..., d_out] gradient w.r.t. the layer output -> [..., k_s]."""

@@ -75,7 +75,15 @@ def compose(
     r = Propagator(p0.dims, p0.dtype, p0.device)  # R = K_{m-1} … K_{j+1}, identity for j = m-1
     parts: list[list[StepGrads]] = []
     for j in range(m - 1, -1, -1):
-        parts.append([StepGrads(e.step, e.sample_ids, e.weights, r.apply(e.grads)) for e in local[j]])
+        parts.append(local[j] if j == m - 1 else _apply_rows(r, local[j]))
         if j > 0:
             r.compose(propagators[j])
     return [e for part in reversed(parts) for e in part]
+
+
+def _apply_rows(r: Propagator, steps: Sequence[StepGrads]) -> list[StepGrads]:
+    """R applied to every row of a segment in one matmul per layer group."""
+    sizes = [len(e.sample_ids) for e in steps]
+    out = r.apply({n: torch.cat([e.grads[n] for e in steps]) for n in steps[0].grads})
+    split = {n: v.split(sizes) for n, v in out.items()}
+    return [StepGrads(e.step, e.sample_ids, e.weights, {n: split[n][i] for n in split}) for i, e in enumerate(steps)]
