@@ -24,8 +24,9 @@ def model_at(run: RunDir, cfg: RunConfig, step: int) -> torch.nn.Module:
     shape = run.meta()["model_shape"]
     model = build_model(cfg.model, shape["d_in"], shape["n_out"], shape["block_size"])
     state = load_tensors(run.checkpoint(step))
+    model = model.to(next(iter(state.values())).dtype)  # before loading: an fp32 model would round fp64 weights
     model.load_state_dict(state)
-    return model.to(next(iter(state.values())).dtype)
+    return model
 
 
 def val_vectors(run: RunDir, cfg: RunConfig, step: int, batch_size: int = 512) -> dict[str, torch.Tensor]:
