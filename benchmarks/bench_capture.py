@@ -23,12 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
-import os
-import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from benchmarks.common import machine_info, make_sync, write_json_atomic
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
 from dvemb.models.gpt import GPT, GPTConfig
 from dvemb.models.loss import per_sample_cross_entropy
@@ -52,48 +48,6 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # sample ids, inputs, t
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def machine_info(device: str) -> dict:
-    """CPU model, cores, torch version, device name and date of this run."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    info = {
-        "cpu_model": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "device": device,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` as JSON to ``path`` via a temp file + rename (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def make_sync(device: str) -> Callable[[], None]:
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
 # --------------------------------------------------------------------------- workloads

@@ -20,14 +20,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import os
-import platform
 import statistics
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import machine_info, make_sync, timed, write_json_atomic
 from dvemb.capture.hooks import StepGrads
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.segments import Schedule, compose, embed_steps
@@ -47,57 +43,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def machine_info(device: str) -> dict:
-    """CPU model, cores, torch version, device name and date of this run."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    info = {
-        "cpu_model": cpu,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "device": device,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` as JSON to ``path`` via a temp file + rename (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def make_sync(device: str) -> Callable[[], None]:
-    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-
-def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
-    """Wall-clock seconds of one call of ``fn`` (device synchronised before and after)."""
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
 
 
 def repeat_for(fn: Callable[[], object], sync: Callable[[], None], min_s: float) -> tuple[float, int]:
