@@ -1,0 +1,48 @@
+"""Flow ``embed``: every segment's local embeddings and propagator, in parallel, then a completeness check."""
+
+from __future__ import annotations
+
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
+
+from dvemb.config import RunConfig
+from dvemb.embed.run import embed_segment as embed_segment_run
+from dvemb.store.rundir import RunDir
+from flows.common import IO_RETRIES, IO_RETRY_DELAY_S, resolve_out, transient
+
+
+@task(name="count-segments", cache_policy=NO_CACHE)
+def count_segments(out: str) -> int:
+    """Number of segments recorded at training time (``len(boundaries) - 1``)."""
+    run = RunDir(out)
+    run.require("train")
+    return len(run.boundaries) - 1
+
+
+@task(
+    name="embed-segment",
+    task_run_name="embed-segment-{segment}",
+    cache_policy=NO_CACHE,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAY_S,
+    retry_condition_fn=transient,
+)
+def embed_segment(out: str, segment: int, dtype: str, device: str) -> list[str]:
+    """One segment: its embeddings file and propagator K_j (paths)."""
+    return list(embed_segment_run(RunDir(out), segment, dtype=dtype, device=device))
+
+
+@task(name="compose-embeddings", cache_policy=NO_CACHE)
+def compose(out: str, paths: list[list[str]]) -> str:
+    """Check that every segment left its embeddings and propagator."""
+    RunDir(out).require("embed")
+    return out
+
+
+@flow(name="embed")
+def embed(config: RunConfig, out: str) -> str:
+    """Embed all segments of the trained run ``out`` in parallel; returns the run directory."""
+    out = resolve_out(out)
+    k = count_segments(out)
+    futures = embed_segment.map(unmapped(out), range(k), unmapped(config.embed.dtype), unmapped(config.embed.device))
+    return compose(out, futures.result())

@@ -1,0 +1,25 @@
+"""Flow ``train``: a config -> a trained run directory (data, trajectory, grads, checkpoints, run.json)."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from dvemb.config import RunConfig
+from dvemb.store.rundir import RunDir
+from dvemb.train.run import train as train_run
+from flows.common import resolve_out
+
+
+@task(name="train-model", cache_policy=NO_CACHE)
+def train_model(config: RunConfig, out: str, force: bool) -> str:
+    """Lightning training with gradient capture (no retries: a retry would redo the whole run)."""
+    train_run(config, RunDir(out), force=force, progress=False)
+    RunDir(out).require("train")
+    return out
+
+
+@flow(name="train")
+def train(config: RunConfig, out: str, force: bool = False) -> str:
+    """Train ``config`` into ``out`` (refuses a non-empty directory unless ``force``); returns the run directory."""
+    return train_model(config, resolve_out(out), force)
