@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -56,6 +57,9 @@ def run(
         cfg = _config(config, sets)
         out = out or Path("runs") / cfg.name
         if engine == "prefect":
+            # no network here; and a first start on a fresh machine migrates SQLite (slow on 2 cores)
+            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
             from flows.pipeline import pipeline
 
             pipeline(config=cfg, out=str(out), force=force)
@@ -153,5 +157,24 @@ def data_fetch(
         for name in sources or list(SOURCES):
             tables = load_source(name)
             console.print(f"{name}: " + ", ".join(f"{k} {v.num_rows}" for k, v in tables.items()))
+    except DvembError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def groundtruth(
+    run_dir: Path,
+    points: Annotated[int, typer.Option(help="occurrences whose exact TSLOO is computed")] = 200,
+    seed: Annotated[int, typer.Option(help="seed of the draw of points/samples")] = 0,
+    last_epoch: Annotated[bool, typer.Option("--last-epoch", help="draw the points from the last epoch only")] = False,
+    all_epoch: Annotated[int, typer.Option(help="also all-epoch LOO (full retraining) of this many samples")] = 0,
+    fp64: Annotated[bool, typer.Option("--fp64", help="replay in float64")] = False,
+) -> None:
+    """Exact ground truth by replaying the recorded SGD trajectory: RUN/eval/groundtruth[_all].parquet."""
+    from dvemb.eval.groundtruth import groundtruth as groundtruth_stage
+
+    try:
+        s = groundtruth_stage(_run_dir(run_dir), points, seed, last_epoch, all_epoch, fp64)
+        console.print(f"replay error {s['replay_rel_error']:.1e}; wrote {run_dir / 'eval'}")
     except DvembError as e:
         raise _fail(e) from None

@@ -71,6 +71,12 @@ class EmbedConfig(Section):
     segments: int = Field(4, ge=1, description="influence checkpoints; segments run in parallel")
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
+    curvature: Literal["empirical", "fisher", "fisher_mc"] = Field(
+        "empirical",
+        description="H_t: empirical Fisher (nothing extra captured), true Fisher/GGN (C vectors per sample, "
+        "captured while training) or its Monte-Carlo estimate (fisher_samples labels per sample)",
+    )
+    fisher_samples: int = Field(1, ge=1, description="sampled labels per sample for curvature=fisher_mc")
 
 
 class ScoreConfig(Section):
@@ -81,6 +87,23 @@ class ScoreConfig(Section):
 class CurateConfig(Section):
     drop: Literal["negative", "quantile", "none"] = "negative"
     quantile: float = Field(0.1, ge=0, lt=1, description="lowest fraction dropped when drop=quantile")
+    filter_by: str = Field("value", description="value column of scores/samples.parquet the filter ranks by")
+    phases: list[int] | None = Field(
+        None, min_length=2, max_length=2, description="[early_end, late_start] steps; null = detect from the run"
+    )
+    phase_threshold: float = Field(0.5, gt=0, lt=1, description="basin level, fraction of the log influence range")
+    phase_smooth: int | None = Field(None, ge=1, description="smoothing window (steps); null = about T/20")
+    reorder: Literal["none", "early"] = Field("none", description="early: most valuable first in the early phase")
+    select: Literal["none", "prior", "online"] = Field(
+        "none", description="online batch selection: by prior value, or by online gradient alignment"
+    )
+    select_phases: list[Literal["early", "middle", "late"]] = Field(
+        default_factory=lambda: ["early", "late"], description="phases in which selection is active"
+    )
+    pool_factor: int = Field(4, ge=1, description="candidate pool = pool_factor x batch size")
+    select_value: str = Field("value", description="prior value column used by select=prior and reorder")
+    val_every: int = Field(1, ge=1, description="online: refresh the validation gradient every n selection steps")
+    val_samples: int = Field(512, ge=1, description="online: validation rows in the validation gradient")
 
 
 class RunConfig(Section):

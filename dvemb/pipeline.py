@@ -7,6 +7,7 @@ from pathlib import Path
 from dvemb.config import RunConfig, load_config
 from dvemb.curate.run import curate
 from dvemb.embed.run import embed_segment
+from dvemb.report import write_report
 from dvemb.score.run import score
 from dvemb.store.rundir import RunDir
 from dvemb.train.run import train
@@ -24,4 +25,5 @@ def run_local(cfg: RunConfig, out: str | Path, force: bool = False, progress: bo
         embed_segment(run, j, cfg.embed.dtype, cfg.embed.device)
     score(run, cfg)
     curate(run, cfg)
+    write_report(run)
     return run

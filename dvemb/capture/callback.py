@@ -4,6 +4,8 @@ Writes into a :class:`~dvemb.store.rundir.RunDir`: ``grads/seg-XXXX-rank-0.arrow
 segment, each written atomically when the segment ends), ``grads/projection.json``,
 ``checkpoints/step-XXXXXX.safetensors`` at every segment boundary and at the end, and
 ``trajectory/steps.parquet`` / ``batches.parquet``. Each batch must carry ``batch["sample_id"]``.
+With ``curvature`` fisher / fisher_mc it also writes the curvature vectors of every step, formed at
+the pre-update parameters, to ``grads/curv-seg-XXXX-rank-0.arrow`` (see :mod:`dvemb.embed.curvature`).
 The learning rate recorded is the one in the optimizer when it steps (schedules included).
 """
 
@@ -17,6 +19,7 @@ import polars as pl
 import torch
 
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
+from dvemb.embed.curvature import check_curvature, concat_records, curvature_path, fisher_vectors
 from dvemb.store.atomic import atomic_path
 from dvemb.store.gradstore import SegmentWriter, write_projection
 from dvemb.store.rundir import RunDir, save_tensors
@@ -45,8 +48,15 @@ class GradientLogger(L.Callback):
         segments: int = 1,
         layers: str | list[str] | None = None,
         reduction: str = "mean",
+        curvature: str | None = None,
+        fisher_samples: int | None = None,
     ):
+        """curvature / fisher_samples: None = as in the run's recorded config (embed.curvature), else empirical."""
         self.run, self.projection, self.segments = run, projection, segments
+        self.curvature, self.fisher_samples = curvature, fisher_samples
+        self._curv_writer: SegmentWriter | None = None
+        self._curv_inputs: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self._curv_rec = None
         self.layers, self.reduction = layers, reduction
         self.capture: GradientCapture | None = None
         self.boundaries: list[int] = []
@@ -63,6 +73,12 @@ class GradientLogger(L.Callback):
         self.boundaries = segment_boundaries(total, self.segments)
         self.capture = GradientCapture(pl_module.model, self.projection, self.layers)
         write_projection(self.run.projection, self.capture.specs, self.projection)
+        embed_cfg = (self.run.meta().get("config") or {}).get("embed", {}) if self.run.run_json.exists() else {}
+        if self.curvature is None:
+            self.curvature = embed_cfg.get("curvature", "empirical")
+        if self.fisher_samples is None:
+            self.fisher_samples = int(embed_cfg.get("fisher_samples", 1))
+        check_curvature(self.curvature)
         self.run.update_meta(boundaries=self.boundaries, total_steps=total, status="training")
 
     def _scaler(self, trainer: L.Trainer):
@@ -80,6 +96,9 @@ class GradientLogger(L.Callback):
             j = self._segment_of(step)
             dims = {n: s.dim for n, s in self.capture.specs.items()}
             self._writer = SegmentWriter(self.run.grads(j), dims, dtype=self.projection.dtype)
+            if self.curvature != "empirical":
+                path = curvature_path(self.run, j)
+                self._curv_writer = SegmentWriter(path, dims, dtype=self.projection.dtype, kind="curvature")
         scaler = self._scaler(trainer)
         self._scale = float(scaler.get_scale()) if scaler is not None else 1.0
         ids = batch["sample_id"]
@@ -87,11 +106,31 @@ class GradientLogger(L.Callback):
         self._ctx = self.capture.micro_batch(ids, weight=w, loss_scale=self._scale)
         self._ctx.__enter__()
         self._step_before = step
+        if self.curvature != "empirical":
+            self._curv_inputs.append((ids, batch["x"], w))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         group = optimizer.param_groups[0]
         wd = group.get("weight_decay", 0.0) if isinstance(optimizer, torch.optim.SGD) else 0.0
         self._lr_wd = (float(group["lr"]), float(wd))
+        if self.curvature != "empirical":  # theta_t: the parameters have not been updated yet
+            step = trainer.global_step
+            gen = torch.Generator().manual_seed(self.projection.seed * 1_000_003 + step)
+            parts = [
+                fisher_vectors(
+                    pl_module.model,
+                    self.capture,
+                    x,
+                    w,
+                    self.curvature,
+                    self.fisher_samples,
+                    sample_ids=ids,
+                    step=step,
+                    generator=gen,
+                )
+                for ids, x, w in self._curv_inputs
+            ]
+            self._curv_rec = concat_records(parts, step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         ctx, self._ctx = self._ctx, None
@@ -122,6 +161,8 @@ class GradientLogger(L.Callback):
         else:
             self._writer.write_step(rec)
             ids, weights = rec.sample_ids, rec.weights.numpy()
+        if self._curv_writer is not None:
+            self._write_curvature(step, skipped=rec is None)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self._step_rows.append(
             {
@@ -146,13 +187,30 @@ class GradientLogger(L.Callback):
         if step + 1 in self.boundaries:
             self._writer.close()
             self._writer = None
+            if self._curv_writer is not None:
+                self._curv_writer.close()
+                self._curv_writer = None
             save_tensors(self.run.checkpoint(step + 1), pl_module.model.state_dict())
+
+    def _write_curvature(self, step: int, skipped: bool) -> None:
+        rec, inputs = self._curv_rec, self._curv_inputs
+        self._curv_rec, self._curv_inputs = None, []
+        if rec is None or skipped:  # AMP-skipped step (lr 0): zero vectors, zero coefficients
+            ids = torch.cat([torch.as_tensor(i).cpu() for i, _, _ in inputs]) if rec is None else rec.sample_ids
+            dims = {n: s.dim for n, s in self.capture.specs.items()}
+            zeros = {n: torch.zeros(len(ids), d) for n, d in dims.items()}
+            self._curv_writer.write(step, ids.cpu(), torch.zeros(len(ids), dtype=torch.float64), zeros)
+        else:
+            self._curv_writer.write_step(rec)
 
     # --- the end ----------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module) -> None:
         if self._writer is not None:  # stopped early: keep what was recorded, say so
             self._writer.close()
             self._writer = None
+        if self._curv_writer is not None:
+            self._curv_writer.close()
+            self._curv_writer = None
         last = self._step_rows[-1]["step"] + 1 if self._step_rows else 0
         if last != self.boundaries[-1]:
             log.warning("training stopped at step %d of %d; later segments are missing", last, self.boundaries[-1])
@@ -167,5 +225,8 @@ class GradientLogger(L.Callback):
         if self._writer is not None:
             self._writer.abort()  # the segment in progress leaves no file; finished ones stay
             self._writer = None
+        if self._curv_writer is not None:
+            self._curv_writer.abort()
+            self._curv_writer = None
         step = self._step_rows[-1]["step"] + 1 if self._step_rows else 0
         self.run.update_meta(status="failed", failed_at_step=step, error=f"{type(exception).__name__}: {exception}")

@@ -29,7 +29,7 @@ def direct_scores(
 
     validation: layer -> [V, D] projected validation gradients at that checkpoint.
     """
-    u = {n: v.to(device, dtype).T.contiguous() for n, v in validation.items()}  # [D, V]
+    u = {n: v.to(device, dtype).T.clone() for n, v in validation.items()}  # [D, V], never the caller's memory
     out: list[torch.Tensor] = []
     for rec in reversed(records):
         lr, wd = schedule.at(rec.step)

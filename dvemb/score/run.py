@@ -7,11 +7,13 @@ import torch
 
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig
 from dvemb.config import RunConfig
+from dvemb.curate.values import phases_for, value_table
 from dvemb.data import TableDataModule
+from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.run import DTYPES, load_embeddings
 from dvemb.models.registry import build_model
-from dvemb.score.scores import occurrence_table, sample_values, segment_scores
+from dvemb.score.scores import occurrence_table, segment_scores
 from dvemb.score.validation import validation_gradients
 from dvemb.store.atomic import atomic_path
 from dvemb.store.gradstore import read_projection, read_segment
@@ -61,8 +63,10 @@ def score(run: RunDir, cfg: RunConfig) -> str:
     else:
         records = [r for j in range(k) for r in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads")]
         schedule = read_schedule(run)
+        curv = curvature_fn(run, cfg.embed.curvature, range(k))
         for m in checkpoints:
-            s = direct_scores(records[: b[m]], schedule, val_vectors(run, cfg, b[m]), dtype=dtype, device=device)
+            v = val_vectors(run, cfg, b[m])
+            s = direct_scores(records[: b[m]], schedule, v, dtype=dtype, device=device, curvature=curv)
             tables.append(occurrence_table(records[: b[m]], s, checkpoint=b[m]))
     epochs = read_steps(run).select("step", "epoch")
     occ = (
@@ -70,13 +74,8 @@ def score(run: RunDir, cfg: RunConfig) -> str:
         .join(epochs, on="step", how="left")
         .select("sample_id", "step", "epoch", "score", "checkpoint")
     )
-    final = occ.filter(pl.col("checkpoint") == b[-1])
-    per_epoch = final.pivot(on="epoch", index="sample_id", values="score", aggregate_function="sum")
-    per_epoch = per_epoch.rename({c: f"value_epoch_{c}" for c in per_epoch.columns if c != "sample_id"})
-    epoch_cols = [c for c in per_epoch.columns if c != "sample_id"]
-    samples = (
-        sample_values(final).join(per_epoch, on="sample_id", how="left").with_columns(pl.col(epoch_cols).fill_null(0.0))
-    )
+    c = cfg.curate
+    samples = value_table(occ, phases_for(occ, b[-1], c.phases, c.phase_threshold, c.phase_smooth))
     for df, path in ((occ.sort("checkpoint", "step", "sample_id"), run.occurrences), (samples, run.samples)):
         with atomic_path(path) as tmp:
             df.write_parquet(tmp)

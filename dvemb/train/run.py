@@ -99,6 +99,8 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
         segments=cfg.embed.segments,
         layers=cfg.capture.layers,
         reduction=cfg.train.reduction,
+        curvature=cfg.embed.curvature,
+        fisher_samples=cfg.embed.fisher_samples,
     )
     trainer = L.Trainer(
         max_epochs=cfg.train.epochs,

@@ -14,10 +14,10 @@ from prefect.states import Failed
 
 from dvemb.config import RunConfig
 from dvemb.errors import StoreError
+from dvemb.report import plot_path
 from dvemb.store.rundir import RunDir
 from flows.common import resolve_out, transient
 from flows.pipeline import pipeline
-from flows.report import plot_path
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

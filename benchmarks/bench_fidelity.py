@@ -1,0 +1,310 @@
+"""Fidelity of every estimator against exact retraining on the digits MLP (fp64, CPU).
+
+sklearn digits, MLP 64 -> 32 -> 10 (tanh), plain SGD, batch 32, 1000 training / 300 validation
+samples, a fixed recorded order. Two regimes: **short** (3 epochs, lr 0.07) and **long** (10 epochs,
+lr 0.3). Gradients are captured with the real hooks at three projection sizes (8x8, 32x32,
+unprojected); every estimator scores the same captured gradients:
+
+* DVEmb-empirical / DVEmb-fisher / DVEmb-fisher_mc (4 labels) — direct scoring (== embedding mode);
+* grad-dot (eta <v_T, g>), TracInCP (checkpoints at every epoch boundary), influence function
+  (damped empirical Fisher of the final epoch).
+
+Ground truth: exact TSLOO (one last-epoch occurrence removed, trajectory replayed) for a sample of
+last-epoch occurrences, and all-epoch LOO (the sample's weight zeroed at every step, retrained from
+step 0) for a subset of samples, whose estimate is the sum of the sample's occurrence scores.
+
+Usage (writes ``benchmarks/results/bench_fidelity_cpu.json`` and the table in ``docs/RESULTS.md``)::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_fidelity            # ~5-8 min on a 2-core CPU
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_fidelity --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dvemb.capture.hooks import GradientCapture, ProjectionConfig, StepGrads
+from dvemb.data.fetch import load_digits_arrays
+from dvemb.embed.curvature import as_curvature, fisher_vectors
+from dvemb.embed.direct import direct_scores
+from dvemb.embed.segments import Schedule
+from dvemb.eval.baselines import grad_dot, influence_function, tracin_cp
+from dvemb.eval.groundtruth import Trajectory, all_epoch_loo, tsloo_points
+from dvemb.eval.metrics import pearson, spearman
+from dvemb.eval.replay import Batch, Params, sgd_step
+from dvemb.models import MLP, MLPConfig
+from dvemb.score.validation import validation_gradients
+
+try:  # run as a module (python -m benchmarks.bench_fidelity) or loaded from a path by the tests
+    from benchmarks.common import RESULTS, machine_info, write_json_atomic
+except ImportError:  # pragma: no cover
+    RESULTS, machine_info, write_json_atomic = None, None, None
+
+B, N_TRAIN, N_VAL = 32, 1000, 300
+REGIMES = {"short": (3, 0.07), "long": (10, 0.3)}
+PROJECTIONS = {"8x8": (8, 8), "32x32": (32, 32), "full": (None, None)}
+ESTIMATORS = ("DVEmb-empirical", "DVEmb-fisher", "DVEmb-fisher_mc", "grad-dot", "TracInCP", "IF")
+MC_SAMPLES = 4
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Experiment:
+    """A recorded digits training run held in memory: theta_t for every step."""
+
+    model: MLP
+    batches: list[Batch]
+    schedule: Schedule
+    params: list[Params]  # theta_0 .. theta_T
+    val: tuple[torch.Tensor, torch.Tensor]
+    epochs: int
+    steps_per_epoch: int
+
+    def trajectory(self) -> Trajectory:
+        return Trajectory(
+            self.model,
+            self.batches,
+            self.schedule,
+            [t // self.steps_per_epoch for t in range(len(self.batches))],
+            {0: self.params[0]},
+            self.val,
+            torch.float64,
+            torch.float64,
+        )
+
+
+def train(epochs: int, lr: float, seed: int = 0) -> Experiment:
+    """fp64 plain-SGD training of the digits MLP in a fixed recorded order (call under float64 default)."""
+    x, y = load_digits_arrays()
+    x, y = torch.tensor(x) / 16.0, torch.tensor(y)
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=gen)
+    tr, va = perm[:N_TRAIN], perm[N_TRAIN : N_TRAIN + N_VAL]
+    batches = []
+    for _ in range(epochs):
+        order = tr[torch.randperm(N_TRAIN, generator=gen)]
+        for i in range(0, N_TRAIN - B + 1, B):
+            idx = order[i : i + B]
+            batches.append(Batch(idx, x[idx], y[idx], torch.full((B,), 1.0 / B)))
+    schedule = Schedule(lr=[lr] * len(batches), weight_decay=[0.0] * len(batches))
+    torch.manual_seed(seed)
+    model = MLP(MLPConfig(d_in=64, hidden=(32,), n_classes=10, activation="tanh"))
+    params = [{k: v.detach().clone() for k, v in model.named_parameters()}]
+    for b in batches:
+        params.append(sgd_step(model, params[-1], b, lr))
+    return Experiment(model, batches, schedule, params, (x[va], y[va]), epochs, len(batches) // epochs)
+
+
+def capture(exp: Experiment, k_a: int | None, k_s: int | None) -> tuple[GradientCapture, list[StepGrads]]:
+    """Per-step projected gradients g = w grad l at theta_t, through the real hooks."""
+    cap = GradientCapture(exp.model, ProjectionConfig(k_a=k_a, k_s=k_s, dtype="float64"))
+    records = []
+    for t, b in enumerate(exp.batches):
+        with cap.micro_batch(b.sample_ids, weight=b.weights):
+            sgd_step(exp.model, exp.params[t], b, exp.schedule.at(t)[0])
+        records.append(cap.collect(step=t))
+    return cap, records
+
+
+def val_grads(exp: Experiment, cap: GradientCapture, step: int):
+    """Projected gradient of the mean validation loss at theta_step: layer -> [1, D]."""
+    with torch.no_grad():
+        for k, v in exp.model.named_parameters():
+            v.copy_(exp.params[step][k])
+    return validation_gradients(exp.model, cap, [exp.val])
+
+
+def fisher_fn(exp: Experiment, cap: GradientCapture, mode: str, k: int = 1):
+    """CurvatureFn forming the (MC) Fisher vectors at theta_t from the recorded batch (as training would)."""
+
+    def fn(rec: StepGrads):
+        b = exp.batches[rec.step]
+        gen = torch.Generator().manual_seed(rec.step)
+        return as_curvature(
+            fisher_vectors(exp.model, cap, b.x, b.weights, mode, k, params=exp.params[rec.step], generator=gen)
+        )
+
+    return fn
+
+
+def estimates(exp: Experiment, k_a, k_s, which=ESTIMATORS) -> dict[str, torch.Tensor]:
+    """Every estimator's per-occurrence score (all steps, row t*B + position), fp64."""
+    cap, records = capture(exp, k_a, k_s)
+    T = len(records)
+    v = val_grads(exp, cap, T)
+    f64 = torch.float64
+    out = {}
+
+    def fresh(vecs):  # direct_scores updates U in place, and with V = 1 U.T.contiguous() aliases the input
+        return {k: x.clone() for k, x in vecs.items()}
+
+    def flat(parts):
+        return torch.cat([p[:, 0] for p in parts])
+
+    for name in which:
+        t0 = time.perf_counter()
+        if name == "DVEmb-empirical":
+            s = direct_scores(records, exp.schedule, fresh(v), dtype=f64)
+        elif name == "DVEmb-fisher":
+            s = direct_scores(records, exp.schedule, fresh(v), dtype=f64, curvature=fisher_fn(exp, cap, "fisher"))
+        elif name == "DVEmb-fisher_mc":
+            s = direct_scores(
+                records, exp.schedule, fresh(v), dtype=f64, curvature=fisher_fn(exp, cap, "fisher_mc", MC_SAMPLES)
+            )
+        elif name == "grad-dot":
+            s = grad_dot(records, exp.schedule, v)
+        elif name == "TracInCP":
+            cps = range(0, T + 1, exp.steps_per_epoch)
+            s = tracin_cp(records, exp.schedule, {c: val_grads(exp, cap, c) for c in cps})
+        elif name == "IF":
+            s = influence_function(records, v, records[T - exp.steps_per_epoch :])
+        out[name] = flat(s)
+        out[name + ":seconds"] = torch.tensor(time.perf_counter() - t0)
+    cap.remove()
+    return out
+
+
+def ground_truth(exp: Experiment, n_points: int, n_samples: int, seed: int = 0):
+    """TSLOO of n_points last-epoch occurrences and all-epoch LOO of n_samples samples."""
+    traj = exp.trajectory()
+    T = len(exp.batches)
+    last = [(t, p) for t in range(T - exp.steps_per_epoch, T) for p in range(B)]
+    gen = torch.Generator().manual_seed(seed)
+    pick = sorted(last[i] for i in torch.randperm(len(last), generator=gen)[:n_points].tolist())
+    t0 = time.perf_counter()
+    ts = tsloo_points(traj, pick, chunk=256)
+    t_ts = time.perf_counter() - t0
+    ids = sorted(
+        torch.unique(torch.cat([b.sample_ids for b in exp.batches]))[
+            torch.randperm(N_TRAIN, generator=gen)[:n_samples]
+        ].tolist()
+    )
+    t0 = time.perf_counter()
+    loo = all_epoch_loo(traj, ids, chunk=128) if n_samples else torch.empty(0)
+    t_loo = time.perf_counter() - t0
+    return pick, ts, ids, loo, t_ts, t_loo
+
+
+def compare(exp: Experiment, est: dict, pick, ts, ids, loo) -> dict:
+    rows = torch.tensor([t * B + p for t, p in pick])
+    all_ids = torch.cat([b.sample_ids for b in exp.batches])
+    out = {}
+    for name in ESTIMATORS:
+        if name not in est:
+            continue
+        s = est[name]
+        r = {"tsloo_spearman": spearman(s[rows], ts), "tsloo_pearson": pearson(s[rows], ts)}
+        if len(ids):
+            per_sample = torch.stack([s[all_ids == z].sum() for z in ids])
+            r |= {"loo_spearman": spearman(per_sample, loo), "loo_pearson": pearson(per_sample, loo)}
+        r["seconds"] = float(est[name + ":seconds"])
+        out[name] = r
+    return out
+
+
+def run(quick: bool = False, seed: int = 0) -> dict:
+    torch.set_default_dtype(torch.float64)
+    regimes = {"short": (1, 0.07)} if quick else REGIMES
+    projections = {"8x8": (8, 8)} if quick else PROJECTIONS
+    n_points, n_samples = (64, 8) if quick else (320, 64)
+    results = {"regimes": {}, "n_tsloo_points": n_points, "n_loo_samples": n_samples, "seed": seed}
+    for regime, (epochs, lr) in regimes.items():
+        t0 = time.perf_counter()
+        exp = train(epochs, lr, seed)
+        pick, ts, ids, loo, t_ts, t_loo = ground_truth(exp, n_points, n_samples, seed)
+        reg = {
+            "epochs": epochs,
+            "lr": lr,
+            "steps": len(exp.batches),
+            "final_val_loss": float(
+                torch.nn.functional.cross_entropy(
+                    torch.func.functional_call(exp.model, exp.params[-1], (exp.val[0],)), exp.val[1]
+                )
+            ),
+            "tsloo_seconds": t_ts,
+            "loo_seconds": t_loo,
+            "tsloo_abs_mean": float(ts.abs().mean()),
+            "projections": {},
+        }
+        for proj, (k_a, k_s) in projections.items():
+            est = estimates(exp, k_a, k_s)
+            reg["projections"][proj] = compare(exp, est, pick, ts, ids, loo)
+            print(
+                f"{regime} {proj}: "
+                + ", ".join(f"{k} {v['tsloo_spearman']:.2f}" for k, v in reg["projections"][proj].items()),
+                flush=True,
+            )
+        reg["seconds"] = time.perf_counter() - t0
+        results["regimes"][regime] = reg
+    torch.set_default_dtype(torch.float32)
+    return results
+
+
+def table(results: dict) -> str:
+    lines = []
+    for regime, reg in results["regimes"].items():
+        lines.append(
+            f"**{regime}**: {reg['epochs']} epochs, lr {reg['lr']}, {reg['steps']} steps, final val loss "
+            f"{reg['final_val_loss']:.3f}; TSLOO of {results['n_tsloo_points']} last-epoch occurrences "
+            f"(mean |TSLOO| {reg['tsloo_abs_mean']:.1e}, {reg['tsloo_seconds']:.0f} s), all-epoch LOO of "
+            f"{results['n_loo_samples']} samples ({reg['loo_seconds']:.0f} s).\n"
+        )
+        lines.append("| projection | estimator | Spearman TSLOO | Pearson TSLOO | Spearman LOO | Pearson LOO | s |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|")
+        for proj, by_est in reg["projections"].items():
+            for name, r in by_est.items():
+                lines.append(
+                    f"| {proj} | {name} | {r['tsloo_spearman']:.2f} | {r['tsloo_pearson']:.2f} | "
+                    f"{r.get('loo_spearman', float('nan')):.2f} | {r.get('loo_pearson', float('nan')):.2f} | "
+                    f"{r['seconds']:.1f} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+BEGIN, END = "<!-- bench_fidelity:begin -->", "<!-- bench_fidelity:end -->"
+
+
+def write_results_md(results: dict, path: Path) -> None:
+    m = results["machine"]
+    body = (
+        f"{BEGIN}\nMeasured {m['date']} on {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch "
+        f"thread(s)), torch {m['torch_version']}, fp64, total {results['seconds']:.0f} s. "
+        f"Raw JSON: `benchmarks/results/bench_fidelity_cpu.json`.\n\n{table(results)}\n{END}"
+    )
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
+    else:
+        text = (text or "# Results\n\n") + "\n## Fidelity vs exact retraining (`bench_fidelity`)\n\n" + body + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one short regime, 8x8 only, few points (smoke run)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    results = run(args.quick, args.seed)
+    results["seconds"] = time.perf_counter() - t0
+    results["machine"] = machine_info("cpu")
+    name = "bench_fidelity_quick_cpu.json" if args.quick else "bench_fidelity_cpu.json"
+    write_json_atomic(RESULTS / name, results)
+    print(table(results))
+    if not args.quick:
+        write_results_md(results, ROOT / "docs" / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Mislabel detection by lowest value: DVEmb vs grad-dot vs training loss, and the metrics (AUROC, P@k).
+
+Every detector returns a table ``sample_id, value`` where *low* value = suspected harmful / mislabeled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import torch
+
+from dvemb.config import RunConfig
+from dvemb.data import TableDataModule
+from dvemb.models.loss import per_sample_cross_entropy
+from dvemb.store.gradstore import read_segment
+from dvemb.store.rundir import RunDir
+from dvemb.store.trajectory import read_schedule
+
+
+def dvemb_values(run: RunDir) -> pl.DataFrame:
+    """DVEmb all-epoch value (scores/samples.parquet ``value``)."""
+    return pl.read_parquet(run.samples, columns=["sample_id", "value"])
+
+
+def grad_dot_values(run: RunDir, cfg: RunConfig) -> pl.DataFrame:
+    """TracIn-like grad-dot: ``sum_t eta_t <grad l_val(theta_T), g_{t,z}>`` over occurrences, same projected grads."""
+    from dvemb.score.run import val_vectors  # local: score.run imports this package's siblings
+
+    b = run.boundaries
+    v = val_vectors(run, cfg, b[-1])
+    lr = read_schedule(run).lr
+    ids, vals = [], []
+    for j in range(len(b) - 1):
+        for rec in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads"):
+            s = sum(rec.grads[n].to(torch.float64) @ v[n].to(torch.float64).T for n in v)[:, 0]
+            ids.append(rec.sample_ids.numpy().copy())
+            vals.append((lr[rec.step] * s).numpy())
+    df = pl.DataFrame({"sample_id": np.concatenate(ids), "value": np.concatenate(vals)})
+    return df.group_by("sample_id").agg(pl.col("value").sum()).sort("sample_id")
+
+
+def loss_values(run: RunDir, cfg: RunConfig) -> pl.DataFrame:
+    """Minus the per-sample training loss of the final model (high loss = suspicious = low value)."""
+    from dvemb.score.run import model_at
+
+    model = model_at(run, cfg, run.boundaries[-1]).eval()
+    dtype = next(model.parameters()).dtype
+    ds = TableDataModule(run.data("train"), batch_size=1024, shuffle=False, dtype=dtype).datasets["train"]
+    with torch.no_grad():
+        b = ds.batch(np.arange(len(ds)))
+        loss = per_sample_cross_entropy(model(b["x"]), b["y"]).to(torch.float64)
+    return pl.DataFrame({"sample_id": b["sample_id"].numpy(), "value": (-loss).numpy()}).sort("sample_id")
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` ranking ``positive`` first (ties count one half)."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def detection_metrics(values: pl.DataFrame, corrupted: np.ndarray) -> dict[str, float]:
+    """AUROC of ``-value`` for the corrupted ids and precision among the ``len(corrupted)`` lowest values."""
+    bad = np.isin(values["sample_id"].to_numpy(), np.asarray(corrupted))
+    v = values["value"].to_numpy().astype(np.float64)
+    k = int(bad.sum())
+    lowest = np.lexsort((values["sample_id"].to_numpy(), v))[:k]
+    return {
+        "auroc": auroc(-v, bad),
+        "precision_at_k": float(bad[lowest].mean()) if k else float("nan"),
+        "k": k,
+        "n": len(v),
+    }

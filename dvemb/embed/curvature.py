@@ -1,0 +1,234 @@
+"""Curvature options for the backward recursion: empirical Fisher, true Fisher (GGN), Monte-Carlo Fisher.
+
+For softmax cross-entropy the true Fisher equals the Gauss-Newton matrix (DESIGN §2, "Better curvature"):
+
+    H_t ≈ sum_z w_z sum_c p_{z,c} grad l_z(c) grad l_z(c)^T
+
+where ``l_z(c)`` is the loss of sample z with label c and ``p_z = softmax(logits_z)``. The curvature
+vectors are ``f_{z,c} = grad l_z(c)`` (projected exactly like the training gradients, *not*
+multiplied by w) with coefficients ``w_z p_{z,c}`` ("fisher", C vectors per sample), or ``k`` labels
+drawn from ``p_z`` with coefficients ``w_z / k`` ("fisher_mc", unbiased). The empirical Fisher
+(default) needs nothing extra: f = g, coef = 1/w.
+
+The vectors must be formed at the pre-update parameters theta_t of each step, so they are captured
+during training (see :class:`dvemb.capture.callback.GradientLogger`) and stored beside the gradients
+in ``grads/curv-seg-XXXX-rank-R.arrow`` (kind "curvature", one row per (sample, label), ``weight`` =
+coef). ``grad l_z(c)`` w.r.t. the logits is ``p_z - e_c`` (divided by S for a mean over S tokens),
+so one forward pass and one backward pass per label (to the tracked layers' outputs only, never
+into ``.grad``) give the vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from dvemb.capture.hooks import GradientCapture, StepGrads
+from dvemb.embed.propagator import Curvature
+from dvemb.embed.segments import CurvatureFn
+from dvemb.errors import CaptureError, StoreError
+from dvemb.store.gradstore import read_segment
+from dvemb.store.rundir import RunDir
+
+CURVATURES = ("empirical", "fisher", "fisher_mc")
+MAX_EXACT_CLASSES = 64  # more classes: use fisher_mc rather than C curvature rows per sample
+ROWS_PER_PASS = 64  # labels handled by one (vmapped) backward pass
+
+
+def curvature_path(run: RunDir, segment: int, rank: int = 0):
+    """``grads/curv-seg-XXXX-rank-R.arrow``: the curvature vectors of one segment."""
+    return run.root / "grads" / f"curv-seg-{segment:04d}-rank-{rank}.arrow"
+
+
+def check_curvature(name: str) -> str:
+    if name not in CURVATURES:
+        raise ValueError(f"curvature {name!r}: choose one of {', '.join(CURVATURES)}")
+    return name
+
+
+@contextmanager
+def paused(capture: GradientCapture) -> Iterator[None]:
+    """Let extra forward/backward passes run without ``capture`` recording them (its state is kept)."""
+    state = capture._active, capture._micro
+    capture._active, capture._micro = None, {}
+    try:
+        yield
+    finally:
+        capture._active, capture._micro = state
+
+
+def _label_grads(
+    logits: torch.Tensor, mode: str, k: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """d l(label)/d logits for every curvature row, and the per-row factor of the coefficient.
+
+    logits [B, C] or [B, S, C]. Returns G [R, B, ...logits shape[1:]] (R labels per sample) and
+    factor [B, R] (p_{z,c} for "fisher", 1/k for "fisher_mc").
+    """
+    p = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+    n_classes = logits.shape[-1]
+    if mode == "fisher":
+        if logits.dim() != 2:
+            raise CaptureError("curvature 'fisher' (exact) needs [B, C] logits; use 'fisher_mc' for sequences")
+        if n_classes > MAX_EXACT_CLASSES:
+            raise CaptureError(
+                f"curvature 'fisher' with {n_classes} classes needs {n_classes} backward passes per step; "
+                "use 'fisher_mc'"
+            )
+        eye = torch.eye(n_classes, dtype=p.dtype, device=p.device)
+        g = p[None, :, :] - eye[:, None, :]  # [C, B, C]: row c is p - e_c
+        return g.to(logits.dtype), p.cpu()
+    if mode == "fisher_mc":
+        if k < 1:
+            raise ValueError(f"fisher_samples must be >= 1, got {k}")
+        flat = p.reshape(-1, n_classes)
+        labels = torch.multinomial(flat.cpu(), k, replacement=True, generator=generator).to(p.device)  # [B*S, k]
+        onehot = torch.nn.functional.one_hot(labels.T, n_classes).to(p.dtype)  # [k, B*S, C]
+        g = (flat[None] - onehot).reshape(k, *p.shape)
+        if logits.dim() == 3:
+            g = g / logits.shape[1]  # l_z is the mean over tokens
+        return g.to(logits.dtype), torch.full((logits.shape[0], k), 1.0 / k, dtype=torch.float64)
+    raise ValueError(f"curvature mode {mode!r}: choose 'fisher' or 'fisher_mc'")
+
+
+def _backward(logits, outputs, chunk, calls, capture) -> dict[str, torch.Tensor]:
+    """Projected per-sample vectors for R cotangents ``chunk`` [R, *logits.shape]: layer -> [R, B, D]."""
+    r, n = chunk.shape[0], chunk.shape[1]
+    try:  # one vmapped backward pass for the whole chunk
+        ds = torch.autograd.grad(
+            logits, outputs, grad_outputs=chunk, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except RuntimeError:  # an op without a batching rule: one backward per row
+        per_row = [torch.autograd.grad(logits, outputs, c, retain_graph=True, allow_unused=True) for c in chunk]
+        ds = [None if d[0] is None else torch.stack(d) for d in zip(*per_row)]
+    out, i = {}, 0
+    for name, c in calls.items():
+        acc = None
+        for a, _ in c:
+            d = ds[i]
+            i += 1
+            if d is None:
+                continue
+            a_rep = a.unsqueeze(0).expand(r, *a.shape).reshape(r * n, *a.shape[1:])
+            g = capture.projectors[name].per_sample(a_rep, d.reshape(r * n, *d.shape[2:])).view(r, n, -1)
+            acc = g if acc is None else acc + g
+        if acc is None:
+            acc = torch.zeros(r, n, capture.specs[name].dim, dtype=capture.dtype, device=logits.device)
+        out[name] = acc
+    return out
+
+
+def fisher_vectors(
+    model: nn.Module,
+    capture: GradientCapture,
+    x: torch.Tensor,
+    weights: torch.Tensor | float,
+    mode: str = "fisher",
+    k: int = 1,
+    *,
+    params: dict[str, torch.Tensor] | None = None,
+    sample_ids: torch.Tensor | Sequence[int] | None = None,
+    step: int = -1,
+    generator: torch.Generator | None = None,
+) -> StepGrads:
+    """Curvature vectors of one micro-batch, projected with ``capture``'s projections.
+
+    x: the inputs [B, ...]; weights: w_z (scalar or [B]); params: evaluate at these parameters
+    (``functional_call``), default the model's own. Returns a StepGrads with one row per
+    (sample, label), sample-major: ``grads`` = f_{z,c}, ``weights`` = coef (w_z p_{z,c} or w_z / k).
+    Never touches parameter ``.grad``; ``capture`` itself records nothing meanwhile.
+    """
+    n = x.shape[0]
+    ids = torch.arange(n) if sample_ids is None else torch.as_tensor(sample_ids, dtype=torch.int64).cpu()
+    w = torch.as_tensor(weights, dtype=torch.float64).cpu().expand(n)
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in capture.tracked}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            calls[name].append((inputs[0].detach(), output))
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in capture.tracked.items()]
+    try:
+        with paused(capture), torch.enable_grad():
+            if params is None:
+                logits = model(x)
+            else:
+                p = {key: v.detach().requires_grad_(True) for key, v in params.items()}
+                logits = functional_call(model, p, (x,))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [name for name, c in calls.items() if not c or not c[0][1].requires_grad]
+    if missing:
+        raise CaptureError(f"curvature: layers {missing} did not take part in the forward pass with gradients")
+    outputs = [o for c in calls.values() for _, o in c]
+    label_grads, factor = _label_grads(logits, mode, k, generator)
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in calls}
+    for lo in range(0, label_grads.shape[0], ROWS_PER_PASS):
+        chunk = label_grads[lo : lo + ROWS_PER_PASS]
+        for name, g in _backward(logits, outputs, chunk, calls, capture).items():
+            rows[name].extend(g.unbind(0))
+    n_rows = label_grads.shape[0]
+    vectors = {name: torch.stack(v, dim=1).reshape(n * n_rows, -1) for name, v in rows.items()}  # sample-major
+    coef = (w[:, None] * factor).reshape(-1)
+    return StepGrads(step=step, sample_ids=ids.repeat_interleave(n_rows), weights=coef, grads=vectors)
+
+
+def concat_records(parts: Sequence[StepGrads], step: int) -> StepGrads:
+    """One StepGrads of the rows of several micro-batches."""
+    if len(parts) == 1:
+        p = parts[0]
+        return StepGrads(step, p.sample_ids, p.weights, p.grads)
+    return StepGrads(
+        step,
+        torch.cat([p.sample_ids for p in parts]),
+        torch.cat([p.weights for p in parts]),
+        {n: torch.cat([p.grads[n] for p in parts]) for n in parts[0].grads},
+    )
+
+
+def as_curvature(rec: StepGrads) -> Curvature:
+    """A stored curvature record (vectors + coef in ``weights``) as the propagator's Curvature."""
+    return Curvature(rec.grads, rec.weights)
+
+
+def stored_curvature(run: RunDir, segments: Sequence[int]) -> CurvatureFn:
+    """CurvatureFn reading the stored vectors of ``segments`` (raises StoreError if they were not captured)."""
+    b = run.boundaries
+    by_step: dict[int, StepGrads] = {}
+    for j in segments:
+        path = curvature_path(run, j)
+        if not path.exists():
+            raise StoreError(
+                f"{path}: no curvature vectors — train with embed.curvature=fisher|fisher_mc to capture them"
+            )
+        for rec in read_segment(path, expected_steps=range(b[j], b[j + 1]), kind="curvature"):
+            by_step[rec.step] = rec
+
+    def fn(rec: StepGrads) -> Curvature:
+        if rec.step not in by_step:
+            raise StoreError(f"{run.root}: no curvature vectors for step {rec.step}")
+        return as_curvature(by_step[rec.step])
+
+    return fn
+
+
+def recorded_curvature(run: RunDir) -> str:
+    """The curvature named in the run's recorded config (``empirical`` when absent)."""
+    try:
+        cfg = run.meta().get("config") or {}
+    except StoreError:
+        return "empirical"
+    return check_curvature((cfg.get("embed") or {}).get("curvature", "empirical"))
+
+
+def curvature_fn(run: RunDir, name: str | None, segments: Sequence[int]) -> CurvatureFn | None:
+    """None for the empirical Fisher (the propagator's default), else the stored vectors' CurvatureFn."""
+    name = recorded_curvature(run) if name is None else check_curvature(name)
+    return None if name == "empirical" else stored_curvature(run, segments)
