@@ -29,21 +29,30 @@ def direct_scores(
 
     validation: layer -> [V, D] projected validation gradients at that checkpoint.
     """
-    u = {n: v.to(device, dtype).T.clone() for n, v in validation.items()}  # [D, V], never the caller's memory
+    groups: dict[int, list[str]] = {}
+    for name, v in validation.items():
+        groups.setdefault(v.shape[1], []).append(name)
+
+    def stack(vecs: Vectors, names: list[str]) -> torch.Tensor:
+        return torch.stack([vecs[n].to(device, dtype) for n in names])  # [L, n, D]
+
+    # U per group of equal-dimension layers: [L, D, V] (a copy: the caller's tensors are never written)
+    u = {d: stack(validation, names).transpose(1, 2).contiguous() for d, names in groups.items()}
     out: list[torch.Tensor] = []
     for rec in reversed(records):
         lr, wd = schedule.at(rec.step)
         curv = curvature(rec) if curvature else empirical_fisher(rec)
-        coef = curv.coef.to(device, dtype)
+        coef = curv.coef.to(device, dtype)[None, :, None]
         score = None
-        for name, un in u.items():
-            g = rec.grads[name].to(device, dtype)
-            gu = g @ un
-            score = gu if score is None else score + gu
-            f, fu = (g, gu) if curvature is None else (curv.vectors[name].to(device, dtype), None)
+        for d, names in groups.items():
+            g = stack(rec.grads, names)
+            gu = torch.bmm(g, u[d])  # [L, B, V]
+            part = gu.sum(0)
+            score = part if score is None else score + part
+            f, fu = (g, gu) if curvature is None else (stack(curv.vectors, names), None)
             if fu is None:
-                fu = f @ un
-            un.mul_(1.0 - lr * wd).addmm_(f.T, fu * coef[:, None], alpha=-lr)
+                fu = torch.bmm(f, u[d])
+            u[d].baddbmm_(f.transpose(1, 2), fu * coef, beta=1.0 - lr * wd, alpha=-lr)
         out.append(score * lr)
     out.reverse()
     return out
