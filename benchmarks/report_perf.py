@@ -1,0 +1,102 @@
+"""Regenerate the measured tables of docs/PERFORMANCE.md from benchmarks/results/*.json.
+
+python -m benchmarks.report_perf
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from benchmarks.common import RESULTS
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
+
+
+def embed_table(d: dict) -> str:
+    m = d["machine"]
+    lines = [
+        f"Measured {m['date']} on {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch thread), "
+        f"torch {m['torch_version']}, {m['device']}.",
+        "",
+        "| k (D) | steps | mode | ms/step | GFLOP/s | × roofline | direct speed-up |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in d["results"]:
+        rf, sq, sg = r["roofline"], r["sequential"], r["segmented"]
+        lines.append(
+            f"| {r['k']} ({r['dim']}) | {r['steps']} | matmul roofline | {rf['s_per_step'] * 1e3:.3f} | "
+            f"{rf['gflops']:.1f} | 1.00 | |"
+        )
+        lines.append(
+            f"| | | sequential | {sq['s_per_step'] * 1e3:.3f} | {sq['gflops']:.1f} | **{sq['roofline_ratio']:.2f}** | |"
+        )
+        lines.append(
+            f"| | | segmented (4 segs) | {sg['s_per_step'] * 1e3:.3f} | {sg['gflops']:.1f} | "
+            f"{sg['roofline_ratio']:.2f} | |"
+        )
+        for v, x in r["direct"].items():
+            lines.append(
+                f"| | | direct V={v} | {x['s_per_step'] * 1e3:.3f} | {x['gflops']:.2f} | | "
+                f"**{x['speedup_vs_sequential']:.1f}×** |"
+            )
+    return "\n".join(lines)
+
+
+def capture_table(d: dict) -> str:
+    m = d["machine"]
+    lines = [
+        f"Measured {m['date']} on {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch thread), "
+        f"torch {m['torch_version']}, {m['device']}.",
+        "",
+        "| workload | B | tracked layers | data | steps/s without | steps/s with | ratio (median) | range |",
+        "|---|---:|---:|---|---:|---:|---:|---|",
+    ]
+    for r in d["results"]:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['tracked_layers']} | {r['data']} | {r['steps_per_s_without']:.2f} | "
+            f"{r['steps_per_s_with']:.2f} | **{r['ratio_median']:.2f}** | {r['ratio_min']:.2f}–{r['ratio_max']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def segments_table(d: dict) -> str:
+    lines = [
+        "| k (D) | per segment | segments total | slowest | sequential | compose (global embeddings) | "
+        "`segment_scores` V=16 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in d["results"]:
+        sg = r["segmented"]
+        per = " ".join(f"{x:.2f}" for x in sg["segment_seconds"])
+        lines.append(
+            f"| {r['k']} | {per} | {sum(sg['segment_seconds']):.2f} | {sg['segment_max_seconds']:.2f} | "
+            f"{r['sequential']['seconds']:.2f} | {sg['compose_seconds']:.2f} | "
+            f"{sg['segment_scores_seconds']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
+    block = f"<!-- {name}:begin -->\n{body}\n<!-- {name}:end -->"
+    if not pattern.search(text):
+        raise SystemExit(f"{DOC}: no <!-- {name}:begin/end --> markers")
+    return pattern.sub(lambda _: block, text)
+
+
+def main() -> None:
+    text = DOC.read_text()
+    embed = json.loads((RESULTS / "bench_embed_cpu.json").read_text())
+    text = replace_block(text, "bench_embed", embed_table(embed))
+    text = replace_block(text, "bench_segments", segments_table(embed))
+    text = replace_block(
+        text, "bench_capture", capture_table(json.loads((RESULTS / "bench_capture_cpu.json").read_text()))
+    )
+    DOC.write_text(text)
+    print(f"updated {DOC}")
+
+
+if __name__ == "__main__":
+    main()
