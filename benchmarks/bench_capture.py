@@ -21,7 +21,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -34,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from benchmarks.common import machine_info, make_sync, write_json_atomic
+from benchmarks.common import bench_args, machine_info, make_sync, write_json_atomic
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
 from dvemb.models.gpt import GPT, GPTConfig
 from dvemb.models.loss import per_sample_cross_entropy
@@ -223,17 +222,10 @@ def report(results: list[dict], console: Console) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="smoke run (< 20 s)")
-    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per workload")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
-    args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bench_args(
+        __doc__.split("\n\n")[0],
+        lambda ap: ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per workload"),
+    )
     console = Console(width=140)
     dev = args.device
     # (workload factory, timing blocks, steps per block)

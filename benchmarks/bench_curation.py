@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
+from benchmarks.common import machine_info
 from dvemb.config import load_config
 from dvemb.curate.detect import detection_metrics, dvemb_values, grad_dot_values, loss_values
 from dvemb.curate.plan import Window
@@ -40,19 +38,6 @@ from dvemb.pipeline import run_local
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "mnist_noisy.yaml"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    return f"{cpu}, {os.cpu_count()} cores visible, OMP_NUM_THREADS={threads}, torch {torch.__version__} CPU"
 
 
 def main() -> None:
@@ -144,7 +129,7 @@ def main() -> None:
 
     result = {
         "benchmark": "bench_curation",
-        "machine": machine(),
+        "machine": machine_info("cpu"),
         "config": cfg.model_dump(mode="json"),
         "n_train": train.height,
         "n_flipped": int(len(corrupted)),

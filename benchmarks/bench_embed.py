@@ -19,7 +19,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -30,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import machine_info, make_sync, timed, write_json_atomic
+from benchmarks.common import bench_args, machine_info, make_sync, timed, write_json_atomic
 from dvemb.capture.hooks import StepGrads
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.segments import Schedule, compose, embed_steps
@@ -281,16 +280,7 @@ def targets(results: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="smoke run (< 20 s)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
-    args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = bench_args(__doc__.split("\n\n")[0])
     console = Console(width=140)
     # (side, seconds of sequential work): >= 10 s at the biggest k, >= ~2-3 s below it.
     plan = [(16, 0.3), (32, 0.3)] if args.quick else [(16, 3.0), (32, 3.0), (64, 10.0)]

@@ -28,13 +28,13 @@ import numpy as np
 import polars as pl
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from dvemb.config import RunConfig, load_config
 from dvemb.data import TableDataModule
 from dvemb.embed.segments import Schedule
 from dvemb.errors import DvembError
-from dvemb.eval.replay import Batch, Params, sgd_step
+from dvemb.eval.replay import Batch, Params, functional_sgd_step, sgd_step
 from dvemb.models.loss import per_sample_cross_entropy
 from dvemb.models.registry import build_model
 from dvemb.store.atomic import atomic_path, write_json
@@ -161,12 +161,7 @@ def _lanes_replay(
     """
     model, loss_fn = traj.model, traj.loss_fn
 
-    def step_fn(p: Params, b: Batch, w: torch.Tensor, lr: float, c: float) -> Params:
-        def total(q: Params) -> torch.Tensor:
-            return (w * loss_fn(functional_call(model, q, (b.x,)), b.y)).sum()
-
-        g = grad(total)(p)
-        return {k: c * v - lr * g[k] for k, v in p.items()}
+    step_fn = functional_sgd_step(model, loss_fn)
 
     def val_loss(p: Params) -> torch.Tensor:
         return loss_fn(functional_call(model, p, (traj.val[0],)), traj.val[1]).mean()

@@ -86,6 +86,19 @@ def replay(
     return params
 
 
+def functional_sgd_step(model: nn.Module, loss_fn: LossFn = per_sample_cross_entropy):
+    """``step(params, batch, weights, lr, c) -> params``: one coupled-decay SGD step, vmap-able over lanes."""
+
+    def step(p: Params, b: Batch, w: torch.Tensor, lr: float, c: float) -> Params:
+        def total(q: Params) -> torch.Tensor:
+            return (w * loss_fn(functional_call(model, q, (b.x,)), b.y)).sum()
+
+        g = grad(total)(p)
+        return {k: c * v - lr * g[k] for k, v in p.items()}
+
+    return step
+
+
 def tsloo(
     model: nn.Module,
     checkpoints: Sequence[Params],
@@ -103,12 +116,7 @@ def tsloo(
     final = replay(model, checkpoints[0], batches, 0, schedule, loss_fn=loss_fn)
     base = mean_loss(model, final, *val, loss_fn=loss_fn)
 
-    def step_fn(p: Params, b: Batch, w: torch.Tensor, lr: float, c: float) -> Params:
-        def total(q: Params) -> torch.Tensor:
-            return (w * loss_fn(functional_call(model, q, (b.x,)), b.y)).sum()
-
-        g = grad(total)(p)
-        return {k: c * v - lr * g[k] for k, v in p.items()}
+    step_fn = functional_sgd_step(model, loss_fn)
 
     def val_loss(p: Params) -> torch.Tensor:
         return loss_fn(functional_call(model, p, (val[0],)), val[1]).mean()
