@@ -27,6 +27,4 @@ def prefect_harness() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def digits_config() -> RunConfig:
-    if DIGITS.exists():
-        return load_config(DIGITS)
-    return load_config(None, ["data.source=digits", "train.epochs=2", "embed.segments=3"])
+    return load_config(DIGITS)
