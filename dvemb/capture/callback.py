@@ -142,13 +142,13 @@ class GradientLogger(L.Callback):
         scaler = self._scaler(trainer)
         if scaler is not None and float(scaler.get_scale()) < self._scale:
             # AMP overflow: the scaler skipped this update, so the step changed nothing.
-            self.capture.discard()
+            skipped_ids = self.capture.discard()
             rec = None
             lr = 0.0
         else:
             rec = self.capture.collect(step)
         if rec is None:
-            ids = batch["sample_id"].cpu()
+            ids = skipped_ids
             log.warning("step %d: AMP overflow, update skipped; recorded with lr 0 and zero gradients", step)
             dims = {n: s.dim for n, s in self.capture.specs.items()}
             self._writer.write(

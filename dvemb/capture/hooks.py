@@ -203,9 +203,14 @@ class GradientCapture:
                 )
         raise NonFiniteGradientError(f"step {step}: the gradients overflow when summed")
 
-    def discard(self) -> None:
-        """Drop what was recorded since the last collect (e.g. an AMP step the scaler skipped)."""
+    def discard(self) -> torch.Tensor:
+        """Drop what was recorded since the last collect (e.g. an AMP step the scaler skipped).
+
+        Returns the sample ids of the dropped rows ([n] int64), so the step can still be recorded.
+        """
+        ids = torch.cat([r[0] for r in self._rows]) if self._rows else torch.empty(0, dtype=torch.int64)
         self._rows, self._micro = [], {}
+        return ids
 
     def remove(self) -> None:
         """Remove the hooks from the model."""
