@@ -170,3 +170,15 @@ def test_non_consecutive_steps_refused():
     records, schedule = random_problem(6)
     with pytest.raises(ValueError, match="step 5 follows step 3"):
         embed_steps(records[:4] + records[5:], schedule)
+
+
+def test_direct_scores_leave_the_validation_vectors_untouched():
+    records, schedule = random_problem(7, 0.1)
+    val = {n: torch.randn(1, d, dtype=F64) for n, d in DIMS.items()}  # V = 1: .T would be a view
+    before = {n: v.clone() for n, v in val.items()}
+    first = direct_scores(records, schedule, val, dtype=F64)
+    again = direct_scores(records, schedule, val, dtype=F64)
+    for n in DIMS:
+        assert torch.equal(val[n], before[n])
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
