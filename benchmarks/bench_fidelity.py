@@ -5,7 +5,8 @@ samples, a fixed recorded order. Two regimes: **short** (3 epochs, lr 0.07) and 
 lr 0.3). Gradients are captured with the real hooks at three projection sizes (8x8, 32x32,
 unprojected); every estimator scores the same captured gradients:
 
-* DVEmb-empirical / DVEmb-fisher / DVEmb-fisher_mc (4 labels) — direct scoring (== embedding mode);
+* DVEmb-empirical / DVEmb-fisher / DVEmb-fisher_mc (4 labels) — direct scoring (== embedding mode),
+  per-layer curvature blocks; DVEmb-empirical-model / DVEmb-fisher-model — one block over all layers;
 * grad-dot (eta <v_T, g>), TracInCP (checkpoints at every epoch boundary), influence function
   (damped empirical Fisher of the final epoch).
 
@@ -49,7 +50,16 @@ except ImportError:  # pragma: no cover
 B, N_TRAIN, N_VAL = 32, 1000, 300
 REGIMES = {"short": (3, 0.07), "long": (10, 0.3)}
 PROJECTIONS = {"8x8": (8, 8), "32x32": (32, 32), "full": (None, None)}
-ESTIMATORS = ("DVEmb-empirical", "DVEmb-fisher", "DVEmb-fisher_mc", "grad-dot", "TracInCP", "IF")
+ESTIMATORS = (
+    "DVEmb-empirical",
+    "DVEmb-fisher",
+    "DVEmb-fisher_mc",
+    "DVEmb-empirical-model",
+    "DVEmb-fisher-model",
+    "grad-dot",
+    "TracInCP",
+    "IF",
+)
 MC_SAMPLES = 4
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,21 +151,24 @@ def estimates(exp: Experiment, k_a, k_s, which=ESTIMATORS) -> dict[str, torch.Te
     f64 = torch.float64
     out = {}
 
-    def fresh(vecs):  # direct_scores updates U in place, and with V = 1 U.T.contiguous() aliases the input
-        return {k: x.clone() for k, x in vecs.items()}
-
     def flat(parts):
         return torch.cat([p[:, 0] for p in parts])
 
     for name in which:
         t0 = time.perf_counter()
         if name == "DVEmb-empirical":
-            s = direct_scores(records, exp.schedule, fresh(v), dtype=f64)
+            s = direct_scores(records, exp.schedule, v, dtype=f64)
         elif name == "DVEmb-fisher":
-            s = direct_scores(records, exp.schedule, fresh(v), dtype=f64, curvature=fisher_fn(exp, cap, "fisher"))
+            s = direct_scores(records, exp.schedule, v, dtype=f64, curvature=fisher_fn(exp, cap, "fisher"))
         elif name == "DVEmb-fisher_mc":
             s = direct_scores(
-                records, exp.schedule, fresh(v), dtype=f64, curvature=fisher_fn(exp, cap, "fisher_mc", MC_SAMPLES)
+                records, exp.schedule, v, dtype=f64, curvature=fisher_fn(exp, cap, "fisher_mc", MC_SAMPLES)
+            )
+        elif name == "DVEmb-empirical-model":  # one curvature block over all layers (embed.blocks: model)
+            s = direct_scores(records, exp.schedule, v, dtype=f64, blocks="model")
+        elif name == "DVEmb-fisher-model":
+            s = direct_scores(
+                records, exp.schedule, v, dtype=f64, curvature=fisher_fn(exp, cap, "fisher"), blocks="model"
             )
         elif name == "grad-dot":
             s = grad_dot(records, exp.schedule, v)

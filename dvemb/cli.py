@@ -102,7 +102,7 @@ def embed(
         run = _run_dir(run_dir)
         cfg = config_of(run, sets or [])
         for j in segment or range(len(run.boundaries) - 1):
-            embed_segment(run, j, cfg.embed.dtype, cfg.embed.device)
+            embed_segment(run, j, cfg.embed)
             console.print(f"segment {j}: embedded")
     except DvembError as e:
         raise _fail(e) from None

@@ -77,6 +77,9 @@ class EmbedConfig(Section):
         "captured while training) or its Monte-Carlo estimate (fisher_samples labels per sample)",
     )
     fisher_samples: int = Field(1, ge=1, description="sampled labels per sample for curvature=fisher_mc")
+    blocks: Literal["layer", "model"] = Field(
+        "layer", description="curvature blocks: one per layer (block-diagonal) or one over all tracked layers"
+    )
 
 
 class ScoreConfig(Section):

@@ -22,7 +22,7 @@ def run_local(cfg: RunConfig, out: str | Path, force: bool = False, progress: bo
     """train -> embed (every segment) -> score -> curate, sequentially."""
     run = train(cfg, RunDir(out), force=force, progress=progress)
     for j in range(len(run.boundaries) - 1):
-        embed_segment(run, j, cfg.embed.dtype, cfg.embed.device)
+        embed_segment(run, j, cfg.embed)
     score(run, cfg)
     curate(run, cfg)
     write_report(run)

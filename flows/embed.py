@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from dvemb.config import RunConfig
+from dvemb.config import EmbedConfig, RunConfig
 from dvemb.embed.run import embed_segment as embed_segment_run
 from dvemb.store.rundir import RunDir
 from flows.common import IO_RETRIES, IO_RETRY_DELAY_S, resolve_out, transient
@@ -27,9 +27,9 @@ def count_segments(out: str) -> int:
     retry_delay_seconds=IO_RETRY_DELAY_S,
     retry_condition_fn=transient,
 )
-def embed_segment(out: str, segment: int, dtype: str, device: str) -> list[str]:
+def embed_segment(out: str, segment: int, embed: EmbedConfig) -> list[str]:
     """One segment: its embeddings file and propagator K_j (paths)."""
-    return list(embed_segment_run(RunDir(out), segment, dtype=dtype, device=device))
+    return list(embed_segment_run(RunDir(out), segment, embed))
 
 
 @task(name="compose-embeddings", cache_policy=NO_CACHE)
@@ -44,5 +44,5 @@ def embed(config: RunConfig, out: str) -> str:
     """Embed all segments of the trained run ``out`` in parallel; returns the run directory."""
     out = resolve_out(out)
     k = count_segments(out)
-    futures = embed_segment.map(unmapped(out), range(k), unmapped(config.embed.dtype), unmapped(config.embed.device))
+    futures = embed_segment.map(unmapped(out), range(k), unmapped(config.embed))
     return compose(out, futures.result())

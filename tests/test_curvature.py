@@ -168,8 +168,9 @@ def test_training_captures_fisher_vectors(tmp_path):
         torch.testing.assert_close(curv[0].grads[n], want.grads[n])
     assert torch.equal(load_tensors(run.checkpoint(0))["layers.0.weight"], model.layers[0].weight.detach())
     # embed + score (embedding and direct modes agree with the Fisher curvature)
+    embed64 = cfg.embed.model_copy(update={"dtype": "float64"})
     for j in range(len(b) - 1):
-        embed_segment(run, j, "float64")
+        embed_segment(run, j, embed64)
     score(run, cfg)
     emb = pl.read_parquet(run.occurrences).filter(pl.col("checkpoint") == b[-1]).sort("step", "sample_id")
     score(run, cfg.model_copy(update={"score": cfg.score.model_copy(update={"mode": "direct"})}))
@@ -177,7 +178,7 @@ def test_training_captures_fisher_vectors(tmp_path):
     torch.testing.assert_close(torch.tensor(emb["score"].to_numpy()), torch.tensor(direct["score"].to_numpy()))
     # and they differ from the empirical-Fisher embeddings (the first step of a segment is eta*g either way)
     fisher_emb = [r.grads["layers.0"].clone() for r in read_segment(run.embeddings(0), range(b[0], b[1]))]
-    embed_segment(run, 0, "float64", curvature="empirical")
+    embed_segment(run, 0, embed64.model_copy(update={"curvature": "empirical"}))
     emp_emb = [r.grads["layers.0"] for r in read_segment(run.embeddings(0), range(b[0], b[1]))]
     assert not torch.allclose(fisher_emb[0], emp_emb[0])
     torch.testing.assert_close(fisher_emb[-1], emp_emb[-1])

@@ -182,3 +182,26 @@ def test_direct_scores_leave_the_validation_vectors_untouched():
         assert torch.equal(val[n], before[n])
     for a, b in zip(first, again):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.3])
+def test_model_blocks_equal_the_dense_full_matrix_recursion(wd):
+    """blocks="model": one M over all layers == dense products with H over the concatenated vector."""
+    records, schedule = random_problem(8, wd)
+    emb, _ = embed_steps(records, schedule, dtype=F64, blocks="model")
+    names = sorted(DIMS)
+    d = sum(DIMS.values())
+    for s, r in enumerate(records):
+        q = torch.eye(d, dtype=F64)
+        for k in range(s + 1, T):
+            lr, c = schedule.at(k)[0], 1 - schedule.at(k)[0] * schedule.at(k)[1]
+            g = torch.cat([records[k].grads[n] for n in names], dim=1)
+            q = (c * torch.eye(d, dtype=F64) - lr * (g / records[k].weights[:, None]).T @ g) @ q
+        want = schedule.at(s)[0] * torch.cat([r.grads[n] for n in names], dim=1) @ q.T
+        torch.testing.assert_close(emb[s].grads["model"], want, rtol=1e-8, atol=1e-10)
+    val = {n: torch.randn(3, dd, dtype=F64) for n, dd in DIMS.items()}
+    direct = direct_scores(records, schedule, val, dtype=F64, blocks="model")
+    for a, b in zip(direct, dot_scores(emb, val)):  # per-layer validation vectors are merged to match
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    layered = direct_scores(records, schedule, val, dtype=F64)
+    assert not torch.allclose(torch.cat(layered), torch.cat(direct))  # the coupling changes the scores

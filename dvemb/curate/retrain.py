@@ -34,6 +34,7 @@ from dvemb.store.rundir import RunDir
 
 log = logging.getLogger(__name__)
 METRICS = ("test_acc", "test_loss", "val_acc", "val_loss")
+TEXT_EVAL_BATCH = 32
 
 
 @dataclass
@@ -46,25 +47,44 @@ class Variant:
 
 
 def evaluate(model: torch.nn.Module, table: str | Path | pa.Table, batch_size: int = 2048) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` on a features table."""
+    """Mean per-sample cross-entropy and accuracy of ``model`` on a features or text table.
+
+    Text: a sample's loss is its token-mean cross-entropy (``per_sample_cross_entropy``) and its
+    accuracy the fraction of next tokens predicted; batches are capped at ``TEXT_EVAL_BATCH`` rows
+    (the logits are [B, S, vocab]).
+    """
     ds = TableDataset(table if isinstance(table, pa.Table) else pq.read_table(table), next(model.parameters()).dtype)
+    if ds.kind == "text":
+        batch_size = min(batch_size, TEXT_EVAL_BATCH)
     model.eval()
-    loss, correct = 0.0, 0
+    loss, correct = 0.0, 0.0
     with torch.no_grad():
         for i in range(0, len(ds), batch_size):
             b = ds.batch(np.arange(i, min(len(ds), i + batch_size)))
             logits = model(b["x"])
             loss += float(per_sample_cross_entropy(logits, b["y"]).sum())
-            correct += int((logits.argmax(-1) == b["y"]).sum())
+            hit = logits.argmax(-1) == b["y"]
+            correct += float(hit.reshape(len(hit), -1).double().mean(1).sum()) if hit.dim() > 1 else int(hit.sum())
     return {"loss": loss / max(1, len(ds)), "acc": correct / max(1, len(ds))}
 
 
 def fit_variant(
-    source: RunDir, cfg: RunConfig, variant: Variant, seed: int, out: str | Path | None = None
+    source: RunDir,
+    cfg: RunConfig,
+    variant: Variant,
+    seed: int,
+    out: str | Path | None = None,
+    *,
+    select_val: str | Path | pa.Table | None = None,
+    eval_tables: dict[str, str | Path | pa.Table] | None = None,
 ) -> dict[str, float | int | str]:
-    """Train ``variant`` with ``seed`` (model init and batch order); metrics on the source run's val/test."""
-    if cfg.model.kind != "mlp":
-        raise ValueError("retraining compares classifiers: model.kind must be 'mlp'")
+    """Train ``variant`` with ``seed`` (model init and batch order); metrics on the source run's val/test.
+
+    MLP classifiers and the GPT (text tables; a sample's loss is its token-mean cross-entropy).
+    ``select_val``: the table online selection aligns with (default: the source run's validation
+    table). ``eval_tables``: split name -> table to report ``<split>_loss`` / ``<split>_acc`` on
+    (default: the source run's val and, when present, test).
+    """
     start = time.perf_counter()
     shape = source.meta()["model_shape"]
     dtype = torch.float64 if cfg.train.precision == "64-true" else torch.float32
@@ -80,12 +100,19 @@ def fit_variant(
     model = build_model(cfg.model, shape["d_in"], shape["n_out"], shape["block_size"]).to(dtype)
     selector = None
     if variant.plan is not None and "online" in variant.plan.uses:
-        val = pq.read_table(source.data("val"))
+        val = select_val if select_val is not None else source.data("val")
+        val = val if isinstance(val, pa.Table) else pq.read_table(val)
         rows = np.sort(np.random.default_rng([seed, 0x7A1]).permutation(val.num_rows)[: variant.plan.val_samples])
         vb = TableDataset(val.take(pa.array(rows)), dtype).batch(np.arange(len(rows)))
         c = cfg.capture
         selector = OnlineSelector(
-            model, vb["x"], vb["y"], ProjectionConfig(c.k_a, c.k_s, c.seed, c.dtype), c.layers, variant.plan.val_every
+            model,
+            vb["x"],
+            vb["y"],
+            ProjectionConfig(c.k_a, c.k_s, c.seed, c.dtype),
+            c.layers,
+            variant.plan.val_every,
+            val_chunk=TEXT_EVAL_BATCH if vb["x"].dim() > 1 and not vb["x"].is_floating_point() else None,
         )
     trainer = L.Trainer(
         max_epochs=cfg.train.epochs,
@@ -107,11 +134,11 @@ def fit_variant(
     if selector is not None:
         selector.remove()
     metrics: dict[str, float | int | str] = {"variant": variant.name, "seed": seed}
-    for split in ("val", "test"):
-        path = source.data(split)
-        if path.exists():
-            m = evaluate(model, path)
-            metrics[f"{split}_loss"], metrics[f"{split}_acc"] = m["loss"], m["acc"]
+    if eval_tables is None:
+        eval_tables = {s: source.data(s) for s in ("val", "test") if source.data(s).exists()}
+    for split, table in eval_tables.items():
+        m = evaluate(model, table)
+        metrics[f"{split}_loss"], metrics[f"{split}_acc"] = m["loss"], m["acc"]
     sampler = dm.train_sampler
     modes = [sampler.mode_of(t) for t in range(sampler.total_steps)]
     metrics.update(
@@ -133,6 +160,7 @@ def summarize(rows: list[dict]) -> pl.DataFrame:
     """Mean and standard deviation (ddof 1) of every metric per variant, in first-seen variant order."""
     df = pl.DataFrame(rows)
     metrics = [m for m in METRICS if m in df.columns]
+    metrics += [c for c in df.columns if c.endswith(("_loss", "_acc")) and c not in metrics]
     order = list(dict.fromkeys(df["variant"].to_list()))
     agg = df.group_by("variant").agg(
         pl.len().alias("seeds"),

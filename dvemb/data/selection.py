@@ -247,8 +247,10 @@ class OnlineSelector:
         projection: ProjectionConfig = ProjectionConfig(),
         layers: str | list[str] | None = None,
         val_every: int = 1,
+        val_chunk: int | None = None,
     ) -> None:
         self.model, self.val_x, self.val_y, self.val_every = model, val_x, val_y, val_every
+        self.val_chunk = val_chunk  # rows per forward/backward of the validation gradient (None: all at once)
         self.capture = GradientCapture(model, projection, layers)
         self._weights = [m.weight for m in self.capture.tracked.values()]
         self._v: dict[str, torch.Tensor] | None = None
@@ -264,8 +266,14 @@ class OnlineSelector:
 
     def validation_vector(self) -> dict[str, torch.Tensor]:
         """Projected gradient of the mean validation loss at the current parameters: layer -> [D]."""
-        g = self._grads(self.val_x, self.val_y, 1.0 / len(self.val_x))
-        return {k: v.sum(0) for k, v in g.items()}
+        n = len(self.val_x)
+        step = self.val_chunk or n
+        out: dict[str, torch.Tensor] = {}
+        for i in range(0, n, step):  # chunks bound the memory of [rows, S, vocab] logits for text
+            g = self._grads(self.val_x[i : i + step], self.val_y[i : i + step], 1.0 / n)
+            for k, v in g.items():
+                out[k] = v.sum(0) if k not in out else out[k] + v.sum(0)
+        return out
 
     def scores(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self._v is None or self._calls % self.val_every == 0:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from dvemb.capture.hooks import StepGrads
+from dvemb.embed.blocks import check_blocks, merge_curvature, merge_layers, merge_step
 from dvemb.embed.propagator import Vectors, empirical_fisher
 from dvemb.embed.segments import CurvatureFn, Schedule
 
@@ -24,11 +25,17 @@ def direct_scores(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     curvature: CurvatureFn | None = None,
+    blocks: str = "layer",
 ) -> list[torch.Tensor]:
     """Per-step scores [B_t, V] for ``records`` (consecutive steps ending right before the checkpoint).
 
     validation: layer -> [V, D] projected validation gradients at that checkpoint.
+    blocks: "layer" (block-diagonal curvature) or "model" (one block over all layers).
     """
+    check_blocks(blocks)
+    if blocks == "model":
+        records, curvature = [merge_step(r) for r in records], merge_curvature(curvature)
+        validation = merge_layers(validation)
     groups: dict[int, list[str]] = {}
     for name, v in validation.items():
         groups.setdefault(v.shape[1], []).append(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dvemb.config import EmbedConfig
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.propagator import Propagator
 from dvemb.embed.segments import embed_steps
@@ -14,21 +15,23 @@ from dvemb.store.trajectory import read_schedule
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def embed_segment(
-    run: RunDir, segment: int, dtype: str = "float32", device: str = "cpu", curvature: str | None = None
-) -> tuple[str, str]:
+def embed_segment(run: RunDir, segment: int, embed: EmbedConfig | None = None) -> tuple[str, str]:
     """Embed segment ``segment`` of ``run``; writes its embeddings file and propagator. Returns both paths.
 
-    curvature: empirical / fisher / fisher_mc; None = as recorded in run.json (embed.curvature).
+    embed: dtype, device, curvature (its vectors must have been captured in training) and blocks;
+    None = the ``embed`` section recorded in run.json.
     """
+    embed = embed or EmbedConfig.model_validate(run.meta()["config"]["embed"])
     b = run.boundaries
     if not 0 <= segment < len(b) - 1:
         raise ValueError(f"segment {segment}: the run has segments 0..{len(b) - 2}")
     records = read_segment(run.grads(segment), expected_steps=range(b[segment], b[segment + 1]), kind="grads")
-    curv = curvature_fn(run, curvature, [segment])
-    emb, prop = embed_steps(records, read_schedule(run), dtype=DTYPES[dtype], device=device, curvature=curv)
-    dims = {n: g.shape[1] for n, g in records[0].grads.items()}
-    with SegmentWriter(run.embeddings(segment), dims, dtype=dtype, kind="embeddings") as w:
+    curv = curvature_fn(run, embed.curvature, [segment])
+    emb, prop = embed_steps(
+        records, read_schedule(run), dtype=DTYPES[embed.dtype], device=embed.device, curvature=curv, blocks=embed.blocks
+    )
+    dims = {n: g.shape[1] for n, g in emb[0].grads.items()}
+    with SegmentWriter(run.embeddings(segment), dims, dtype=embed.dtype, kind="embeddings") as w:
         w.write_steps(emb)
     save_tensors(run.propagator(segment), prop.state_dict(), metadata={"segment": str(segment)})
     return str(run.embeddings(segment)), str(run.propagator(segment))

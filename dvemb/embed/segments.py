@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dvemb.capture.hooks import StepGrads
+from dvemb.embed.blocks import check_blocks, merge_curvature, merge_step
 from dvemb.embed.propagator import Curvature, Propagator
 
 
@@ -39,8 +40,11 @@ def embed_steps(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     curvature: CurvatureFn | None = None,
+    blocks: str = "layer",
 ) -> tuple[list[StepGrads], Propagator]:
     """Backward recursion over consecutive ``records`` (ascending steps) from Q = I.
+
+    blocks: "layer" (one M per layer) or "model" (one M over all layers; see :mod:`dvemb.embed.blocks`).
 
     Returns the embeddings (same rows as ``records``; ``grads`` holds DVEmb to the end of the
     run of steps) and the propagator A_{last} … A_{first} of the whole run.
@@ -48,6 +52,9 @@ def embed_steps(
     for prev, nxt in zip(records, records[1:]):
         if nxt.step != prev.step + 1:
             raise ValueError(f"steps must be consecutive: step {nxt.step} follows step {prev.step}")
+    check_blocks(blocks)
+    if blocks == "model":
+        records, curvature = [merge_step(r) for r in records], merge_curvature(curvature)
     dims = {n: g.shape[1] for n, g in records[0].grads.items()}
     prop = Propagator(dims, dtype, device)
     out = []

@@ -66,7 +66,9 @@ def score(run: RunDir, cfg: RunConfig) -> str:
         curv = curvature_fn(run, cfg.embed.curvature, range(k))
         for m in checkpoints:
             v = val_vectors(run, cfg, b[m])
-            s = direct_scores(records[: b[m]], schedule, v, dtype=dtype, device=device, curvature=curv)
+            s = direct_scores(
+                records[: b[m]], schedule, v, dtype=dtype, device=device, curvature=curv, blocks=cfg.embed.blocks
+            )
             tables.append(occurrence_table(records[: b[m]], s, checkpoint=b[m]))
     epochs = read_steps(run).select("step", "epoch")
     occ = (

@@ -12,6 +12,7 @@ import polars as pl
 import torch
 
 from dvemb.capture.hooks import StepGrads
+from dvemb.embed.blocks import align
 from dvemb.embed.propagator import Propagator, Vectors
 
 
@@ -19,6 +20,7 @@ def dot_scores(records: Sequence[StepGrads], validation: Vectors) -> list[torch.
     """Per-step [B, V] scores: sum over layers of embeddings @ validation^T."""
     out = []
     for rec in records:
+        validation = align(validation, set(rec.grads))
         s = None
         for name, v in validation.items():
             e = rec.grads[name]
@@ -40,7 +42,7 @@ def segment_scores(
     segment j's local embeddings against U_j. Same numbers as ``dot_scores(compose(...))``.
     """
     m = len(propagators) if upto is None else upto
-    u = dict(validation)
+    u = align(dict(validation), set(propagators[0].dims))
     parts = []
     for j in range(m - 1, -1, -1):
         parts.append(dot_scores(local[j], u))
