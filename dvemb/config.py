@@ -96,6 +96,9 @@ class CurateConfig(Section):
     )
     phase_threshold: float = Field(0.5, gt=0, lt=1, description="basin level, fraction of the log influence range")
     phase_smooth: int | None = Field(None, ge=1, description="smoothing window (steps); null = about T/20")
+    phase_curve: Literal["per_lr", "raw"] = Field(
+        "per_lr", description="influence curve for phase detection: mean |score| per step divided by its LR, or raw"
+    )
     reorder: Literal["none", "early"] = Field("none", description="early: most valuable first in the early phase")
     select: Literal["none", "prior", "online"] = Field(
         "none", description="online batch selection: by prior value, or by online gradient alignment"

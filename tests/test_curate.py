@@ -271,3 +271,28 @@ def test_online_selection_retrain_is_deterministic_and_recorded(tiny_run, tmp_pa
     summary = write_comparison([a, base], tmp_path / "cmp")
     assert summary["variant"].to_list() == ["sel", "base"]
     assert (tmp_path / "cmp" / "comparison.json").exists()
+
+
+def test_phase_detection_divides_out_the_learning_rate_schedule():
+    """A U-shaped per-step influence scaled by warmup + cosine LR: the raw curve hides the U, per-LR finds it."""
+    import math
+
+    import numpy as np
+
+    from dvemb.curate.values import phases_for
+
+    t_total = 200
+    lr = np.array([min(1.0, (t + 1) / 20) * 0.5 * (1 + math.cos(math.pi * t / t_total)) for t in range(t_total)])
+    u = np.where((np.arange(t_total) < 30) | (np.arange(t_total) >= 150), 1.0, 0.01)  # early + late matter
+    occ = pl.DataFrame(
+        {
+            "sample_id": np.arange(t_total),
+            "step": np.arange(t_total),
+            "score": lr * u,
+            "checkpoint": np.full(t_total, t_total),
+        }
+    )
+    per_lr = phases_for(occ, t_total, smooth=1, lr=lr)
+    assert (per_lr.early_end, per_lr.late_start) == (30, 150)
+    raw = phases_for(occ, t_total, smooth=1)
+    assert (raw.early_end, raw.late_start) != (30, 150)

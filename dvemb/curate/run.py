@@ -12,6 +12,7 @@ from dvemb.curate.plan import SelectionPlan, plan_windows
 from dvemb.curate.values import Phases, phases_for
 from dvemb.store.atomic import atomic_path, write_json
 from dvemb.store.rundir import RunDir
+from dvemb.store.trajectory import read_steps
 
 
 def curated_table(train: pl.DataFrame, samples: pl.DataFrame, policy: CurateConfig) -> pl.DataFrame:
@@ -54,10 +55,11 @@ def build_plan(
     )
 
 
-def run_phases(run: RunDir, policy: CurateConfig) -> Phases:
+def run_phases(run: RunDir, policy: CurateConfig, occ: pl.DataFrame | None = None) -> Phases:
     """The source run's phases (detected from its occurrence scores, or the configured ones)."""
-    occ = pl.read_parquet(run.occurrences)
-    return phases_for(occ, run.boundaries[-1], policy.phases, policy.phase_threshold, policy.phase_smooth)
+    occ = pl.read_parquet(run.occurrences) if occ is None else occ
+    lr = read_steps(run)["lr"].to_numpy() if policy.phase_curve == "per_lr" else None
+    return phases_for(occ, run.boundaries[-1], policy.phases, policy.phase_threshold, policy.phase_smooth, lr)
 
 
 def write_plan(path, plan: SelectionPlan) -> None:

@@ -73,8 +73,12 @@ def final_occurrences(occ: pl.DataFrame) -> pl.DataFrame:
     return occ.filter(pl.col("checkpoint") == occ["checkpoint"].max())
 
 
-def step_curve(occ: pl.DataFrame, total_steps: int) -> np.ndarray:
-    """Mean |score| per step at the final checkpoint, float64 [total_steps] (0 where a step has no rows)."""
+def step_curve(occ: pl.DataFrame, total_steps: int, lr: np.ndarray | None = None) -> np.ndarray:
+    """Mean |score| per step at the final checkpoint, float64 [total_steps] (0 where a step has no rows).
+
+    lr: the per-step LR; when given the curve is divided by it (steps with LR 0 count as 0), so a
+    schedule's warm-up and decay do not masquerade as phases of the data's influence.
+    """
     curve = np.zeros(total_steps, dtype=np.float64)
     per = (
         final_occurrences(occ)
@@ -84,6 +88,9 @@ def step_curve(occ: pl.DataFrame, total_steps: int) -> np.ndarray:
     )
     if per.height:
         curve[per["step"].to_numpy()] = per["m"].to_numpy()
+    if lr is not None:
+        lr = np.asarray(lr, dtype=np.float64)[:total_steps]
+        curve = np.divide(curve, lr, out=np.zeros_like(curve), where=lr > 0)
     return curve
 
 
@@ -135,12 +142,16 @@ def phases_for(
     given: list[int] | tuple[int, int] | None = None,
     threshold: float = 0.5,
     smooth: int | None = None,
+    lr: np.ndarray | None = None,
 ) -> Phases:
-    """The run's phases: ``given`` = [early_end, late_start] (clipped to the run), else detected."""
+    """The run's phases: ``given`` = [early_end, late_start] (clipped to the run), else detected.
+
+    lr: per-step LR to normalise the influence curve by (see :func:`step_curve`); None = raw curve.
+    """
     if given is not None:
         early, late = (min(max(0, int(x)), total_steps) for x in given)
         return Phases(total_steps=total_steps, early_end=early, late_start=max(early, late), method="config")
-    early, late = detect_phases(step_curve(occ, total_steps), threshold, smooth)
+    early, late = detect_phases(step_curve(occ, total_steps, lr), threshold, smooth)
     return Phases(total_steps=total_steps, early_end=early, late_start=late, threshold=threshold, smooth=smooth)
 
 

@@ -7,7 +7,8 @@ import torch
 
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig
 from dvemb.config import RunConfig
-from dvemb.curate.values import phases_for, value_table
+from dvemb.curate.run import run_phases
+from dvemb.curate.values import value_table
 from dvemb.data import TableDataModule
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
@@ -76,8 +77,7 @@ def score(run: RunDir, cfg: RunConfig) -> str:
         .join(epochs, on="step", how="left")
         .select("sample_id", "step", "epoch", "score", "checkpoint")
     )
-    c = cfg.curate
-    samples = value_table(occ, phases_for(occ, b[-1], c.phases, c.phase_threshold, c.phase_smooth))
+    samples = value_table(occ, run_phases(run, cfg.curate, occ))
     for df, path in ((occ.sort("checkpoint", "step", "sample_id"), run.occurrences), (samples, run.samples)):
         with atomic_path(path) as tmp:
             df.write_parquet(tmp)
