@@ -6,6 +6,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
 from dvemb.errors import DvembError
 
 IO_RETRIES = 2
@@ -26,3 +29,15 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:
         return True
     return True
+
+
+def io_task(name: str, **kwargs: Any):
+    """``@task`` for an I/O-bound stage: no result caching, retried on transient errors only."""
+    return task(
+        name=name,
+        cache_policy=NO_CACHE,
+        retries=IO_RETRIES,
+        retry_delay_seconds=IO_RETRY_DELAY_S,
+        retry_condition_fn=transient,
+        **kwargs,
+    )

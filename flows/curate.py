@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from dvemb.config import RunConfig
 from dvemb.curate.run import curate as curate_run
 from dvemb.store.rundir import RunDir
-from flows.common import IO_RETRIES, IO_RETRY_DELAY_S, resolve_out, transient
+from flows.common import io_task, resolve_out
 
 
-@task(
-    name="curate-data",
-    cache_policy=NO_CACHE,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=transient,
-)
+@io_task("curate-data")
 def curate_data(config: RunConfig, out: str) -> str:
     """curation/curated.parquet and curation/plan.json (path of the former)."""
     return curate_run(RunDir(out), config)

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from dvemb.config import EmbedConfig, RunConfig
 from dvemb.embed.run import embed_segment as embed_segment_run
 from dvemb.store.rundir import RunDir
-from flows.common import IO_RETRIES, IO_RETRY_DELAY_S, resolve_out, transient
+from flows.common import io_task, resolve_out
 
 
 @task(name="count-segments", cache_policy=NO_CACHE)
@@ -19,14 +19,7 @@ def count_segments(out: str) -> int:
     return len(run.boundaries) - 1
 
 
-@task(
-    name="embed-segment",
-    task_run_name="embed-segment-{segment}",
-    cache_policy=NO_CACHE,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=transient,
-)
+@io_task("embed-segment", task_run_name="embed-segment-{segment}")
 def embed_segment(out: str, segment: int, embed: EmbedConfig) -> list[str]:
     """One segment: its embeddings file and propagator K_j (paths)."""
     return list(embed_segment_run(RunDir(out), segment, embed))

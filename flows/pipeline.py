@@ -6,11 +6,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from dvemb.config import RunConfig
-from flows.common import IO_RETRIES, IO_RETRY_DELAY_S, resolve_out, transient
+from flows.common import io_task, resolve_out
 from flows.curate import curate
 from flows.embed import embed
 from flows.report import publish as publish_run
@@ -18,13 +17,7 @@ from flows.score import score
 from flows.train import train
 
 
-@task(
-    name="publish-artifacts",
-    cache_policy=NO_CACHE,
-    retries=IO_RETRIES,
-    retry_delay_seconds=IO_RETRY_DELAY_S,
-    retry_condition_fn=transient,
-)
+@io_task("publish-artifacts")
 def publish(out: str, timings: dict[str, float]) -> dict[str, str]:
     """Influence plot + report.md in the run; summary, top-samples and plot artifacts in Prefect."""
     return publish_run(out, timings)
