@@ -112,3 +112,24 @@ def test_retry_condition_skips_dvemb_errors() -> None:
 def test_out_placeholders_are_filled(tmp_path: Path) -> None:
     out = resolve_out(str(tmp_path / "nightly-{now:%Y}"))
     assert Path(out).is_absolute() and "{" not in out
+
+
+def test_retrain_flow_compares_baseline_and_curated(finished: tuple[RunDir, UUID], digits_config: RunConfig) -> None:
+    """The closed loop on the finished run: one seed per variant, a comparison table and its artifact."""
+    from flows.retrain import retrain
+
+    run, _ = finished
+    state = retrain(config=digits_config, out=str(run.root), seeds=[0], return_state=True)
+    assert state.is_completed(), state.message
+    table = pl.read_parquet(run.root / "retrain" / "comparison.parquet")
+    assert table["variant"].to_list() == ["baseline", "curated"]
+    assert table["seeds"].to_list() == [1, 1]
+    curated_rows = pl.read_parquet(run.curated).height
+    assert table["n_train"].to_list() == [pl.read_parquet(run.data("train")).height, curated_rows]
+    assert table.filter(pl.col("variant") == "baseline")["selection_steps"].to_list() == [0]
+    with get_client(sync_client=True) as client:
+        flow_run_id = state.state_details.flow_run_id
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    assert "dvemb-retrain-comparison" in {a.key for a in arts}
