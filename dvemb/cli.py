@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import track
 
 from dvemb.config import RunConfig, load_config
 from dvemb.errors import DvembError
@@ -101,9 +102,9 @@ def embed(
     try:
         run = _run_dir(run_dir)
         cfg = config_of(run, sets or [])
-        for j in segment or range(len(run.boundaries) - 1):
+        todo = list(segment or range(len(run.boundaries) - 1))
+        for j in track(todo, description="embedding segments", console=console):
             embed_segment(run, j, cfg.embed)
-            console.print(f"segment {j}: embedded")
     except DvembError as e:
         raise _fail(e) from None
 

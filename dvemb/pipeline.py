@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.progress import track
+
 from dvemb.config import RunConfig, load_config
 from dvemb.curate.run import curate
 from dvemb.embed.run import embed_segment
@@ -21,7 +23,8 @@ def config_of(run: RunDir, overrides: list[str] = ()) -> RunConfig:
 def run_local(cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True) -> RunDir:
     """train -> embed (every segment) -> score -> curate, sequentially."""
     run = train(cfg, RunDir(out), force=force, progress=progress)
-    for j in range(len(run.boundaries) - 1):
+    segments = range(len(run.boundaries) - 1)
+    for j in track(segments, description="embedding segments", disable=not progress, transient=True):
         embed_segment(run, j, cfg.embed)
     score(run, cfg)
     curate(run, cfg)
