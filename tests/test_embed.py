@@ -205,3 +205,32 @@ def test_model_blocks_equal_the_dense_full_matrix_recursion(wd):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     layered = direct_scores(records, schedule, val, dtype=F64)
     assert not torch.allclose(torch.cat(layered), torch.cat(direct))  # the coupling changes the scores
+
+
+def test_time_window_influence_at_an_intermediate_checkpoint():
+    """DIT window [t1, t2) at checkpoint c: sum over its occurrences of v_c^T DVEmb^(t -> c), per sample."""
+    from dvemb.score.scores import occurrence_table, sample_values, window_influence
+
+    records, schedule = random_problem(9, 0.2)
+    bounds = BOUNDS[7]
+    local, props = segmented(records, schedule, bounds)
+    m = 5
+    c = bounds[m]  # checkpoint 9
+    val = {n: torch.randn(1, d, dtype=F64) for n, d in DIMS.items()}
+    occ = occurrence_table(records[:c], segment_scores(local, props, val, upto=m), checkpoint=c)
+    t1, t2 = 2, 7
+    got = window_influence(occ, t1, t2)
+    dense = dense_embeddings(records, schedule, end=c)
+    want: dict[int, float] = {}
+    for t in range(t1, t2):
+        score = sum((dense[t][n] @ val[n].T)[:, 0] for n in DIMS)
+        for sid, sc in zip(records[t].sample_ids.tolist(), score.tolist()):
+            want[sid] = want.get(sid, 0.0) + sc
+    assert got["sample_id"].to_list() == sorted(want)
+    np_want = torch.tensor([want[s] for s in sorted(want)], dtype=F64)
+    torch.testing.assert_close(torch.tensor(got["influence"].to_numpy()), np_want, rtol=1e-9, atol=1e-12)
+    # the window over every step before c is the all-occurrence value at c
+    full = window_influence(occ, 0, c).rename({"influence": "value"})
+    assert full.equals(sample_values(occ).select(full.columns))
+    with pytest.raises(ValueError, match="checkpoint >= 12"):
+        window_influence(occ, 10, 12)
