@@ -29,7 +29,6 @@ Usage (writes ``benchmarks/results/bench_fidelity_cpu.json`` and the table in ``
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +48,9 @@ from dvemb.models import MLP, MLPConfig
 from dvemb.score.validation import validation_gradients
 
 try:  # run as a module (python -m benchmarks.bench_fidelity) or loaded from a path by the tests
-    from benchmarks.common import RESULTS, machine_info, write_json_atomic
+    from benchmarks.common import RESULTS, machine_info, replace_doc_block, write_json_atomic
 except ImportError:  # pragma: no cover
-    RESULTS, machine_info, write_json_atomic = None, None, None
+    RESULTS = machine_info = replace_doc_block = write_json_atomic = None
 
 B = 32
 
@@ -365,24 +364,14 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-BEGIN, END = "<!-- bench_fidelity:begin -->", "<!-- bench_fidelity:end -->"
-
-
 def write_results_md(results: dict, path: Path) -> None:
     m = results["machine"]
     body = (
-        f"{BEGIN}\nMeasured {m['date']} on {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch "
+        f"Measured {m['date']} on {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch "
         f"thread(s)), torch {m['torch_version']}, fp64, total {results['seconds']:.0f} s. "
-        f"Raw JSON: `benchmarks/results/bench_fidelity_cpu.json`.\n\n{table(results)}\n{END}"
+        f"Raw JSON: `benchmarks/results/bench_fidelity_cpu.json`.\n\n{table(results)}"
     )
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
-    else:
-        text = (text or "# Results\n\n") + "\n## Fidelity vs exact retraining (`bench_fidelity`)\n\n" + body + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    replace_doc_block(path, "bench_fidelity", body, "## Fidelity vs exact retraining (`bench_fidelity`)\n\n")
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.bench_fidelity import REGIMES, B, Experiment, ground_truth, train
-from benchmarks.common import RESULTS, machine_info, write_json_atomic
+from benchmarks.common import RESULTS, machine_info, replace_doc_block, write_json_atomic
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig
 from dvemb.embed.curvature import as_curvature, fisher_vectors
 from dvemb.embed.direct import direct_scores
@@ -508,27 +507,17 @@ def print_rich(results: dict) -> None:
         con.print(r)
 
 
-BEGIN, END = "<!-- bench_peer:begin -->", "<!-- bench_peer:end -->"
-
-
 def write_results_md(results: dict, path: Path, notes: str = "") -> None:
     m = results["machine"]
     body = (
-        f"{BEGIN}\nMeasured {m['date']} on {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch "
+        f"Measured {m['date']} on {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch "
         f"thread(s)), torch {m['torch_version']}, dattri {results['dattri_version']}, fp64, median of "
         f"{results['repeats']} runs, total {results['seconds']:.0f} s. Raw JSON: "
         f"`benchmarks/results/bench_peer_cpu.json`. Command:\n\n```bash\npip install -r "
         f"benchmarks/requirements-peer.txt\nOMP_NUM_THREADS=1 python -m benchmarks.bench_peer\n```\n\n"
-        f"{table(results)}\n{END}"
+        f"{table(results)}"
     )
-    text = path.read_text() if path.exists() else "# Results\n"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n## Peer comparison\n\n" + notes + body + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    replace_doc_block(path, "bench_peer", body, "## Peer comparison\n\n" + notes)
 
 
 def main() -> None:

@@ -6,13 +6,14 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from dvemb.store.atomic import write_json
+from dvemb.store.atomic import atomic_path, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,3 +75,22 @@ def bench_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
+
+
+def replace_doc_block(path: Path, name: str, body: str, missing: str | None = None) -> None:
+    """Rewrite the ``<!-- name:begin -->…<!-- name:end -->`` block of a doc atomically.
+
+    missing: text put before the block when the doc has none yet (e.g. a section heading);
+    None = the markers must already be there.
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body}\n{end}"
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    elif missing is None:
+        raise SystemExit(f"{path}: no {begin} / {end} markers")
+    else:
+        text = text.rstrip("\n") + "\n\n" + missing + block + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

@@ -6,10 +6,9 @@ python -m benchmarks.report_perf
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, replace_doc_block
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
 
@@ -78,23 +77,11 @@ def segments_table(d: dict) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"<!-- {name}:begin -->.*?<!-- {name}:end -->", re.S)
-    block = f"<!-- {name}:begin -->\n{body}\n<!-- {name}:end -->"
-    if not pattern.search(text):
-        raise SystemExit(f"{DOC}: no <!-- {name}:begin/end --> markers")
-    return pattern.sub(lambda _: block, text)
-
-
 def main() -> None:
-    text = DOC.read_text()
     embed = json.loads((RESULTS / "bench_embed_cpu.json").read_text())
-    text = replace_block(text, "bench_embed", embed_table(embed))
-    text = replace_block(text, "bench_segments", segments_table(embed))
-    text = replace_block(
-        text, "bench_capture", capture_table(json.loads((RESULTS / "bench_capture_cpu.json").read_text()))
-    )
-    DOC.write_text(text)
+    replace_doc_block(DOC, "bench_embed", embed_table(embed))
+    replace_doc_block(DOC, "bench_segments", segments_table(embed))
+    replace_doc_block(DOC, "bench_capture", capture_table(json.loads((RESULTS / "bench_capture_cpu.json").read_text())))
     print(f"updated {DOC}")
 
 
