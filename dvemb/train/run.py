@@ -17,6 +17,7 @@ from dvemb.data import TableDataModule, corrupted_table, flip_labels, load_sourc
 from dvemb.models.registry import build_model
 from dvemb.store.atomic import write_parquet_atomic
 from dvemb.store.rundir import RunDir
+from dvemb.train.module import Trainee
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,6 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
     model = build_model(cfg.model, shape["d_in"], shape["n_out"], shape["block_size"])
     if cfg.train.precision == "64-true":
         model = model.double()
-    from dvemb.train.module import Trainee
-
     logger = GradientLogger(
         run,
         ProjectionConfig(k_a=cfg.capture.k_a, k_s=cfg.capture.k_s, seed=cfg.capture.seed, dtype=cfg.capture.dtype),
