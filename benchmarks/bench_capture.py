@@ -10,7 +10,9 @@ Workloads:
 * MLP 784 -> 512 -> 256 -> 10 (relu), B = 128, SGD, MNIST (real when ``dvemb.data`` has it cached
   or can fetch it, else random tensors of the same shape — recorded in the JSON);
 * GPT n_layer=4, n_head=4, n_embd=128, block_size=128, B = 8, SGD, random tokens — with a small
-  vocabulary (lm_head does not dominate) and, in the full run, the GPT-2 vocabulary (50257).
+  vocabulary (lm_head does not dominate) and, in the full run, the GPT-2 vocabulary (50257);
+* on CUDA (or with ``--gpt100m``): GPT-2-small shape, 12 layers x 12 heads x 768, context 512,
+  vocabulary 50257 (~124M parameters), B = 8 — samples/s with and without capture.
 
 Usage::
 
@@ -21,6 +23,7 @@ Usage::
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
@@ -89,9 +92,13 @@ def mlp_workload(device: str, batch: int = 128, n_batches: int = 16) -> Workload
     return Workload("mlp", model, batches, desc)
 
 
-def gpt_workload(device: str, vocab: int, batch: int = 8, n_batches: int = 4) -> Workload:
+def gpt_workload(
+    device: str, vocab: int, batch: int = 8, n_batches: int = 4, shape: tuple[int, int, int, int] = (4, 4, 128, 128)
+) -> Workload:
+    """GPT on random tokens; shape = (n_layer, n_head, n_embd, block_size)."""
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=vocab, block_size=128, n_layer=4, n_head=4, n_embd=128)
+    n_layer, n_head, n_embd, block = shape
+    cfg = GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     model = GPT(cfg).to(device)
     gen = torch.Generator().manual_seed(0)
     batches = []
@@ -99,12 +106,15 @@ def gpt_workload(device: str, vocab: int, batch: int = 8, n_batches: int = 4) ->
         tok = torch.randint(0, vocab, (batch, cfg.block_size + 1), generator=gen)
         batches.append((torch.arange(i * batch, (i + 1) * batch), tok[:, :-1].to(device), tok[:, 1:].to(device)))
     desc = {
-        "model": f"GPT n_layer=4 n_head=4 n_embd=128 block_size=128 vocab={vocab}",
+        "model": f"GPT n_layer={n_layer} n_head={n_head} n_embd={n_embd} block_size={block} vocab={vocab}",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens_per_sample": block,
         "batch": batch,
         "optimizer": "SGD(lr=0.01)",
         "data": "random tokens",
     }
-    return Workload(f"gpt_vocab{vocab}", model, batches, desc)
+    name = f"gpt_vocab{vocab}" if shape == (4, 4, 128, 128) else f"gpt_{n_layer}x{n_embd}_ctx{block}"
+    return Workload(name, model, batches, desc)
 
 
 # --------------------------------------------------------------------------- training arms
@@ -165,6 +175,8 @@ def compare(work: Workload, device: str, blocks: int, steps_per_block: int) -> d
         "steps_per_block": steps_per_block,
         "steps_per_s_without": steps_per_block / med_plain,
         "steps_per_s_with": steps_per_block / med_capt,
+        "samples_per_s_without": steps_per_block * len(work.batches[0][0]) / med_plain,
+        "samples_per_s_with": steps_per_block * len(work.batches[0][0]) / med_capt,
         "ms_per_step_without": med_plain / steps_per_block * 1e3,
         "ms_per_step_with": med_capt / steps_per_block * 1e3,
         "ratio_median": statistics.median(ratios),
@@ -201,6 +213,8 @@ def report(results: list[dict], console: Console) -> None:
         "data",
         "steps/s without",
         "steps/s with",
+        "samples/s without",
+        "samples/s with",
         "ratio (median)",
         "ratio range",
         "target",
@@ -214,6 +228,8 @@ def report(results: list[dict], console: Console) -> None:
             r["data"],
             f"{r['steps_per_s_without']:.2f}",
             f"{r['steps_per_s_with']:.2f}",
+            f"{r['samples_per_s_without']:.1f}",
+            f"{r['samples_per_s_with']:.1f}",
             f"{r['ratio_median']:.3f}",
             f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}",
             "met" if r["target_met"] else "MISSED",
@@ -221,11 +237,18 @@ def report(results: list[dict], console: Console) -> None:
     console.print(t)
 
 
-def main() -> None:
-    args = bench_args(
-        __doc__.split("\n\n")[0],
-        lambda ap: ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per workload"),
+def _flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per workload")
+    ap.add_argument(
+        "--gpt100m",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also a GPT-2-small-sized model (12 x 768, context 512, ~124M parameters); default: on CUDA only",
     )
+
+
+def main() -> None:
+    args = bench_args(__doc__.split("\n\n")[0], _flags)
     console = Console(width=140)
     dev = args.device
     # (workload factory, timing blocks, steps per block)
@@ -235,6 +258,8 @@ def main() -> None:
     ]
     if not args.quick:
         plan.append((lambda: gpt_workload(dev, vocab=50257), 6, 2))
+    if args.gpt100m or (args.gpt100m is None and dev == "cuda" and not args.quick):
+        plan.append((lambda: gpt_workload(dev, 50257, batch=8, n_batches=2, shape=(12, 12, 768, 512)), 6, 3))
     results = []
     for factory, blocks, steps in plan:
         work = factory()

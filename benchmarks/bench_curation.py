@@ -4,6 +4,9 @@
 2. Detection of the flipped labels by lowest value: AUROC and precision at the true noise count,
    for DVEmb (scores/samples.parquet ``value``), grad-dot (eta * <grad l_val(theta_T), g> summed over
    occurrences, the same projected gradients) and the plain training loss of the final model.
+   The ceiling of *any* validation-loss value: the exact all-epoch leave-one-out effect (fp64 retraining
+   without the sample, ``dvemb.eval.groundtruth``) of ``--loo-samples`` random samples as a detector,
+   next to the other detectors on the same samples.
 3. Retraining, ``--seeds`` seeds each (model init + batch order), evaluated on the clean test set:
    full data; random removal of as many rows as the DVEmb filter removes; the DVEmb filter;
    phase-aware online selection (early + late phases only); online selection at every step; and, beyond
@@ -34,6 +37,7 @@ from dvemb.curate.detect import detection_metrics, dvemb_values, grad_dot_values
 from dvemb.curate.plan import Window
 from dvemb.curate.retrain import METRICS, Variant, fit_variant, summarize
 from dvemb.curate.run import build_plan, curated_table, run_phases
+from dvemb.eval.groundtruth import all_epoch_loo, choose_samples, load_trajectory, verify_replay
 from dvemb.pipeline import run_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +50,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny subset, 1 seed: a smoke test")
     ap.add_argument("--run-dir", type=Path, default=None, help="keep the source run here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--loo-samples", type=int, default=300, help="exact all-epoch LOO of this many samples (0: skip)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override key.path=value")
     args = ap.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -83,6 +88,9 @@ def main() -> None:
     detect_s = time.perf_counter() - t
     for name, m in detection.items():
         print(f"  {name:14s} AUROC {m['auroc']:.4f}  P@{m['k']} {m['precision_at_k']:.4f}")
+    t = time.perf_counter()
+    loo_ceiling = exact_loo_detection(run, detectors, corrupted, 32 if args.quick else args.loo_samples)
+    loo_s = time.perf_counter() - t
 
     # 3. retraining variants
     samples = pl.read_parquet(run.samples)
@@ -136,10 +144,17 @@ def main() -> None:
         "phases": phases.model_dump(mode="json"),
         "filter": {"policy": cfg.curate.drop, "n_removed": n_removed, "n_removed_flipped": removed_noisy},
         "detection": detection,
+        "loo_ceiling": loo_ceiling,
         "seeds": seeds,
         "retrain_runs": rows,
         "retrain_summary": summary.to_dicts(),
-        "seconds": {"source_run": source_s, "detection": detect_s, "retraining": retrain_s, "total": total_s},
+        "seconds": {
+            "source_run": source_s,
+            "detection": detect_s,
+            "exact_loo": loo_s,
+            "retraining": retrain_s,
+            "total": total_s,
+        },
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -147,6 +162,28 @@ def main() -> None:
     print(markdown(result, summary))
     if tmp is not None:
         tmp.cleanup()
+
+
+def exact_loo_detection(run, detectors: dict[str, pl.DataFrame], corrupted: np.ndarray, n: int) -> dict | None:
+    """AUROC of the exact all-epoch LOO effect (l_val' - l_val, negated: low = harmful) of ``n`` random
+    samples, and of every detector restricted to the same samples. None when ``n`` is 0."""
+    if n <= 0:
+        return None
+    traj = load_trajectory(run, fp64=True)
+    ids = choose_samples(traj, n, seed=0)
+    loo = all_epoch_loo(traj, ids, chunk=128).numpy()
+    # a sample whose removal raises the validation loss helped: its value is +loo
+    tables = {"exact all-epoch LOO": pl.DataFrame({"sample_id": ids, "value": loo})}
+    tables |= {name: v.filter(pl.col("sample_id").is_in(ids)) for name, v in detectors.items()}
+    out = {
+        "n_samples": len(ids),
+        "n_flipped": int(np.isin(ids, corrupted).sum()),
+        "replay_rel_error": verify_replay(traj),
+    }
+    out["detection"] = {name: detection_metrics(v, corrupted) for name, v in tables.items()}
+    for name, m in out["detection"].items():
+        print(f"  on {len(ids)} samples: {name:20s} AUROC {m['auroc']:.4f}")
+    return out
 
 
 def markdown(result: dict, summary: pl.DataFrame) -> str:
@@ -158,6 +195,18 @@ def markdown(result: dict, summary: pl.DataFrame) -> str:
     ]
     for name, m in result["detection"].items():
         lines.append(f"| {name} | {m['auroc']:.4f} | {m['precision_at_k']:.4f} |")
+    ceil = result.get("loo_ceiling")
+    if ceil:
+        lines += [
+            "",
+            f"The same detectors on {ceil['n_samples']} random samples ({ceil['n_flipped']} flipped), next to the "
+            "exact all-epoch leave-one-out effect on the validation loss (fp64 retraining without each sample):",
+            "",
+            "| detector (same samples) | AUROC | precision at k = #flipped |",
+            "|---|---:|---:|",
+        ]
+        for name, m in ceil["detection"].items():
+            lines.append(f"| {name} | {m['auroc']:.4f} | {m['precision_at_k']:.4f} |")
     lines += [
         "",
         f"Retraining, mean ± sd over {len(result['seeds'])} seeds (clean test set):",
