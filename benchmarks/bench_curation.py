@@ -13,8 +13,9 @@
    the issue's list, phase-aware selection by prior value and the DVEmb filter combined with
    phase-aware online selection (what configs/mnist_noisy.yaml's curate section plans).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_curation.py            # ~3 min on 2 CPU cores
-    python benchmarks/bench_curation.py --quick                       # smoke run
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_curation            # ~4 min on 2 CPU cores
+    python -m benchmarks.bench_curation --quick                       # smoke run
+    python -m benchmarks.bench_curation --detect-only --loo-samples 0 --set train.epochs=20   # one setting
 
 Writes benchmarks/results/bench_curation_<tag>.json and prints the Markdown tables of docs/CURATION.md.
 """
@@ -50,8 +51,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny subset, 1 seed: a smoke test")
     ap.add_argument("--run-dir", type=Path, default=None, help="keep the source run here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--detect-only", action="store_true", help="source run + detection only (printed, not written)")
     ap.add_argument("--loo-samples", type=int, default=300, help="exact all-epoch LOO of this many samples (0: skip)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override key.path=value")
+    ap.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], help="overrides key.path=value")
     args = ap.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -91,6 +93,10 @@ def main() -> None:
     t = time.perf_counter()
     loo_ceiling = exact_loo_detection(run, detectors, corrupted, 32 if args.quick else args.loo_samples)
     loo_s = time.perf_counter() - t
+    if args.detect_only:  # printed, never recorded
+        if tmp is not None:
+            tmp.cleanup()
+        return
 
     # 3. retraining variants
     samples = pl.read_parquet(run.samples)
@@ -104,9 +110,7 @@ def main() -> None:
     sel_cfg = cfg.curate.model_copy(update={"drop": "none", "reorder": "none", "select": "online"})
     phase_plan = build_plan(phases, sel_cfg, train.height, train.height, str(run.root))
     prior_plan = build_plan(phases, sel_cfg.model_copy(update={"select": "prior"}), train.height, train.height)
-    every_plan = phase_plan.model_copy(
-        update={"windows": [Window(start=0, stop=phases.total_steps, mode="online", phase="all")]}
-    )
+    every_plan = window_plan(phase_plan, 0, phases.total_steps)
     print(f"phases: early [0, {phases.early_end}), late [{phases.late_start}, {phases.total_steps})")
     print(f"filter removes {n_removed} rows ({removed_noisy} of them flipped)")
 
@@ -123,6 +127,19 @@ def main() -> None:
             Variant("online selection at every step", full.to_arrow(), every_plan),
             Variant("phase-aware prior-value selection (early + late)", full.to_arrow(), prior_plan),
             Variant("DVEmb filter + phase-aware online selection", filtered.to_arrow(), phase_plan),
+        ]
+        # where does selection pay off? online selection in one fixed window of the source run's steps
+        T = phases.total_steps
+        windows = {
+            "first third": (0, T // 3),
+            "middle third": (T // 3, 2 * T // 3),
+            "last sixth": (T - T // 6, T),
+            "last third": (T - T // 3, T),
+            "last half": (T - T // 2, T),
+        }
+        variants += [
+            Variant(f"online selection, {name} of the steps", full.to_arrow(), window_plan(phase_plan, a, b))
+            for name, (a, b) in windows.items()
         ]
         for v in variants:
             r = fit_variant(run, cfg, v, seed)
@@ -162,6 +179,11 @@ def main() -> None:
     print(markdown(result, summary))
     if tmp is not None:
         tmp.cleanup()
+
+
+def window_plan(plan, start: int, stop: int):
+    """``plan`` with online selection in [start, stop) only (source-run steps), uniform elsewhere."""
+    return plan.model_copy(update={"windows": [Window(start=start, stop=stop, mode="online", phase="window")]})
 
 
 def exact_loo_detection(run, detectors: dict[str, pl.DataFrame], corrupted: np.ndarray, n: int) -> dict | None:
@@ -211,13 +233,24 @@ def markdown(result: dict, summary: pl.DataFrame) -> str:
         "",
         f"Retraining, mean ± sd over {len(result['seeds'])} seeds (clean test set):",
         "",
-        "| variant | train rows | selection steps | test accuracy | test loss |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | train rows | selection steps | test accuracy | test loss | share of every-step gain "
+        "(loss / acc) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    by_name = {r["variant"]: r for r in summary.to_dicts()}
+    full, every = by_name.get("full data"), by_name.get("online selection at every step")
+
+    def share(r: dict, key: str) -> str:
+        if not full or not every or every[key] == full[key]:
+            return "—"
+        return f"{(r[key] - full[key]) / (every[key] - full[key]):.2f}"
+
     for r in summary.to_dicts():
         lines.append(
             f"| {r['variant']} | {r['n_train']} | {r['selection_steps']} | "
-            f"{r['test_acc_mean']:.4f} ± {r['test_acc_sd']:.4f} | {r['test_loss_mean']:.4f} ± {r['test_loss_sd']:.4f} |"
+            f"{r['test_acc_mean']:.4f} ± {r['test_acc_sd']:.4f} | "
+            f"{r['test_loss_mean']:.4f} ± {r['test_loss_sd']:.4f} | "
+            f"{share(r, 'test_loss_mean')} / {share(r, 'test_acc_mean')} |"
         )
     assert set(METRICS) <= {c.rsplit("_", 1)[0] for c in summary.columns if c.endswith("_mean")}
     return "\n".join(lines)
