@@ -102,7 +102,7 @@ def train_plain(exp: Experiment) -> tuple[float, MLP]:
 # dvemb
 
 
-def run_dvemb(exp: Experiment, k: int | None, curvature: str) -> dict:
+def run_dvemb(exp: Experiment, k: int | None, curvature: str, blocks: str = "layer") -> dict:
     """Capture during training, then both modes (embedding: embed_steps + dot_scores; direct)."""
     model = fresh_model(exp)
     cap = GradientCapture(model, ProjectionConfig(k_a=k, k_s=k, dtype="float64"))
@@ -117,7 +117,7 @@ def run_dvemb(exp: Experiment, k: int | None, curvature: str) -> dict:
     fn = (lambda rec: curv[rec.step]) if curvature == "fisher" else None
 
     t0 = time.perf_counter()
-    embs, _ = embed_steps(records, exp.schedule, dtype=F64, curvature=fn)
+    embs, _ = embed_steps(records, exp.schedule, dtype=F64, curvature=fn, blocks=blocks)
     embed_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     v = validation_gradients(model, cap, [exp.val])
@@ -126,7 +126,9 @@ def run_dvemb(exp: Experiment, k: int | None, curvature: str) -> dict:
 
     t0 = time.perf_counter()
     v = validation_gradients(model, cap, [exp.val])
-    dir_scores = torch.cat([s[:, 0] for s in direct_scores(records, exp.schedule, v, dtype=F64, curvature=fn)])
+    dir_scores = torch.cat(
+        [s[:, 0] for s in direct_scores(records, exp.schedule, v, dtype=F64, curvature=fn, blocks=blocks)]
+    )
     direct_s = time.perf_counter() - t0
     cap.remove()
     dim = sum(g.shape[1] for g in records[0].grads.values())
@@ -311,8 +313,8 @@ def run_regime(name: str, epochs: int, lr: float, projections: dict, repeats: in
 
     timing = ("train_s", "embed_s", "score_emb_s", "direct_s", "score_s")
     for proj, k in projections.items():
-        for curv in ("empirical", "fisher"):
-            r = median_runs(lambda k=k, curv=curv: run_dvemb(exp, k, curv), repeats, timing)
+        for curv, blocks in (("empirical", "layer"), ("empirical", "model"), ("fisher", "layer"), ("fisher", "model")):
+            r = median_runs(lambda k=k, c=curv, bl=blocks: run_dvemb(exp, k, c, bl), repeats, timing)
             cap_s = r["train_s"] - plain_s
             extra = {"train_s": r["train_s"], "theta_gap": r["theta_gap"], "emb_vs_direct_rel": r["emb_vs_direct_rel"]}
             for mode, occ, emb_s, sc_s in (
@@ -321,7 +323,8 @@ def run_regime(name: str, epochs: int, lr: float, projections: dict, repeats: in
             ):
                 per_sample = torch.stack([occ[all_ids == z].sum() for z in ids]) if len(ids) else None
                 corr = correlations(occ[rows], ts, per_sample, loo)
-                add("dvemb", proj, f"{curv}, {mode}", r["dim"], corr, cap_s, emb_s, sc_s, extra)
+                label = f"{curv}{'-model' if blocks == 'model' else ''}, {mode}"
+                add("dvemb", proj, label, r["dim"], corr, cap_s, emb_s, sc_s, extra)
 
         variants = [("none", None), ("kronecker", None)] if k is None else [("kronecker", N_LAYERS * k * k)]
         if k is not None:

@@ -1,4 +1,5 @@
-"""Regenerate the measured tables of docs/PERFORMANCE.md from benchmarks/results/*.json.
+"""Regenerate the measured tables of docs/PERFORMANCE.md and the performance report of docs/RESULTS.md
+from benchmarks/results/*.json.
 
 python -m benchmarks.report_perf
 """
@@ -8,9 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from benchmarks.bench_storage import table as storage_table
 from benchmarks.common import RESULTS, replace_doc_block
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
+RESULTS_DOC = DOC.with_name("RESULTS.md")
 
 
 def embed_table(d: dict) -> str:
@@ -77,12 +80,50 @@ def segments_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def performance_report(embed: dict, captures: list[dict], storage: dict | None) -> str:
+    """The summary of docs/RESULTS.md: one line per measured ratio, then the storage table."""
+    lines = ["| quantity | workload | measured | machine |", "|---|---|---:|---|"]
+    for cap in captures:
+        m = cap["machine"]
+        where = m.get("gpu") or f"{m['cpu_model']}, {m['torch_threads']} thread"
+        for r in cap["results"]:
+            lines.append(
+                f"| capture overhead (time with / without, k = 32×32) | {r['model']}, B = {r['batch']} | "
+                f"**{r['ratio_median']:.2f}×** ({r.get('samples_per_s_without', 0):.1f} → "
+                f"{r.get('samples_per_s_with', 0):.1f} samples/s) | {where} |"
+            )
+    m = embed["machine"]
+    where = f"{m['cpu_model']}, {m['torch_threads']} thread"
+    for r in embed["results"]:
+        lines.append(
+            f"| embedding mode ÷ matmul roofline (same run) | D = {r['dim']}, B = {r['batch']} | "
+            f"**{r['sequential']['roofline_ratio']:.2f}** | {where} |"
+        )
+        ups = [x["speedup_vs_sequential"] for x in r["direct"].values()]
+        lines.append(
+            f"| direct ÷ embedding mode speed-up (V = {', '.join(r['direct'])}) | D = {r['dim']} | "
+            f"**{min(ups):.1f}–{max(ups):.1f}×** | {where} |"
+        )
+    if storage:
+        lines += ["", "Storage per training occurrence (bytes; `python -m benchmarks.bench_storage`):", ""]
+        lines.append(storage_table(storage["results"]))
+    return "\n".join(lines)
+
+
 def main() -> None:
     embed = json.loads((RESULTS / "bench_embed_cpu.json").read_text())
     replace_doc_block(DOC, "bench_embed", embed_table(embed))
     replace_doc_block(DOC, "bench_segments", segments_table(embed))
     replace_doc_block(DOC, "bench_capture", capture_table(json.loads((RESULTS / "bench_capture_cpu.json").read_text())))
-    print(f"updated {DOC}")
+    captures = [
+        json.loads(p.read_text())
+        for p in (RESULTS / "bench_capture_cpu.json", RESULTS / "bench_capture_cuda.json")
+        if p.exists()
+    ]
+    storage_json = RESULTS / "bench_storage_cpu.json"
+    storage = json.loads(storage_json.read_text()) if storage_json.exists() else None
+    replace_doc_block(RESULTS_DOC, "performance_report", performance_report(embed, captures, storage))
+    print(f"updated {DOC} and {RESULTS_DOC}")
 
 
 if __name__ == "__main__":

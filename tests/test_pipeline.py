@@ -75,6 +75,19 @@ def test_run_directory_contract(runs):
     assert curated.height == samples.filter(pl.col("value") >= 0).height
 
 
+def test_stored_gradients_cost_little_more_than_their_payload(runs):
+    """benchmarks/bench_storage on a real run: Arrow adds ids, weights and framing, a few percent at D = 1344."""
+    from benchmarks.bench_storage import measure
+
+    r = measure(RunDir(runs / "k4"))
+    assert r["dim"] == 32 * 32 + 32 * 10  # layers.0: 32x32 of 32x65; layers.2: 10 (identity) x 32 of 10x33
+    assert r["payload_bytes_per_occurrence"] == 4 * r["dim"]
+    assert 0 < r["gradient_overhead"] < 0.05
+    # embedding mode stores one embedding per occurrence with the same layout
+    assert r["kinds"]["embeddings"]["bytes"] == r["kinds"]["gradients"]["bytes"]
+    assert r["kinds"]["curvature vectors"]["files"] == 0
+
+
 def test_existing_run_is_not_overwritten_without_force(runs):
     target = runs / "k1"
     before = (target / "scores" / "occurrences.parquet").stat().st_mtime_ns
