@@ -89,8 +89,8 @@ def performance_report(embed: dict, captures: list[dict], storage: dict | None) 
         for r in cap["results"]:
             lines.append(
                 f"| capture overhead (time with / without, k = 32×32) | {r['model']}, B = {r['batch']} | "
-                f"**{r['ratio_median']:.2f}×** ({r.get('samples_per_s_without', 0):.1f} → "
-                f"{r.get('samples_per_s_with', 0):.1f} samples/s) | {where} |"
+                f"**{r['ratio_median']:.2f}×** ({r['steps_per_s_without'] * r['batch']:.1f} → "
+                f"{r['steps_per_s_with'] * r['batch']:.1f} samples/s) | {where} |"
             )
     m = embed["machine"]
     where = f"{m['cpu_model']}, {m['torch_threads']} thread"
