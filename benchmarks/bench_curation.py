@@ -233,27 +233,35 @@ def markdown(result: dict, summary: pl.DataFrame) -> str:
         "",
         f"Retraining, mean ± sd over {len(result['seeds'])} seeds (clean test set):",
         "",
-        "| variant | train rows | selection steps | test accuracy | test loss | share of every-step gain "
-        "(loss / acc) |",
+        "| variant | train rows | selection steps | test accuracy | test loss | share of the every-step "
+        "test-loss gain |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     by_name = {r["variant"]: r for r in summary.to_dicts()}
     full, every = by_name.get("full data"), by_name.get("online selection at every step")
 
-    def share(r: dict, key: str) -> str:
-        if not full or not every or every[key] == full[key]:
+    def share(r: dict) -> str:
+        if not full or not every or every["test_loss_mean"] == full["test_loss_mean"]:
             return "—"
-        return f"{(r[key] - full[key]) / (every[key] - full[key]):.2f}"
+        return (
+            f"{(full['test_loss_mean'] - r['test_loss_mean']) / (full['test_loss_mean'] - every['test_loss_mean']):.2f}"
+        )
 
     for r in summary.to_dicts():
         lines.append(
             f"| {r['variant']} | {r['n_train']} | {r['selection_steps']} | "
             f"{r['test_acc_mean']:.4f} ± {r['test_acc_sd']:.4f} | "
             f"{r['test_loss_mean']:.4f} ± {r['test_loss_sd']:.4f} | "
-            f"{share(r, 'test_loss_mean')} / {share(r, 'test_acc_mean')} |"
+            f"{share(r)} |"
         )
     assert set(METRICS) <= {c.rsplit("_", 1)[0] for c in summary.columns if c.endswith("_mean")}
     return "\n".join(lines)
+
+
+def print_markdown(path: Path) -> None:
+    """The Markdown tables of a finished benchmark's JSON."""
+    result = json.loads(path.read_text())
+    print(markdown(result, pl.DataFrame(result["retrain_summary"])))
 
 
 if __name__ == "__main__":
