@@ -55,6 +55,9 @@ class TrainConfig(Section):
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_clip: float | None = Field(
+        None, gt=0, description="clip the global gradient norm; the clip factor is folded into the recorded LR"
+    )
     precision: Literal["64-true", "32-true", "16-mixed", "bf16-mixed"] = "32-true"
     reduction: Literal["mean", "sum"] = "mean"
 

@@ -14,8 +14,9 @@ from dvemb.store.rundir import RunDir, load_tensors
 from dvemb.train.run import train
 
 
-@pytest.mark.parametrize("reduction,accumulate", [("mean", 2), ("sum", 1)])
-def test_logged_gradients_are_exact_per_sample_gradients(tmp_path, reduction, accumulate):
+@pytest.mark.parametrize("reduction,accumulate,clip", [("mean", 2, None), ("sum", 1, None), ("mean", 1, 0.2)])
+def test_logged_gradients_are_exact_per_sample_gradients(tmp_path, reduction, accumulate, clip):
+    """With ``train.grad_clip`` the recorded step is lr' = lr * clip factor, wd' = wd / factor (exact SGD)."""
     steps = 96 // 8 // accumulate
     cfg = load_config(
         "configs/digits_mlp.yaml",
@@ -32,6 +33,7 @@ def test_logged_gradients_are_exact_per_sample_gradients(tmp_path, reduction, ac
             f"embed.segments={steps}",
             "train.weight_decay=0.01",
             "train.lr=0.05",
+            f"train.grad_clip={'null' if clip is None else clip}",
         ],
     )
     run = train(cfg, RunDir(tmp_path / "r"), progress=False)
@@ -39,7 +41,12 @@ def test_logged_gradients_are_exact_per_sample_gradients(tmp_path, reduction, ac
     data = TableDataModule(run.data("train"), dtype="float64")
     batches = pl.read_parquet(run.batches)
     sched = pl.read_parquet(run.steps)
-    assert sched["lr"].to_list() == [0.05] * steps and sched["weight_decay"].to_list() == [0.01] * steps
+    lr, wd = sched["lr"].to_numpy(), sched["weight_decay"].to_numpy()
+    if clip is None:
+        assert lr.tolist() == [0.05] * steps and wd.tolist() == [0.01] * steps
+    else:  # the gradient norm of this tiny model starts well above 0.2: most steps are clipped
+        assert (lr <= 0.05).all() and (lr < 0.05).sum() >= steps // 2
+        torch.testing.assert_close(torch.tensor(lr * wd), torch.full((steps,), 0.05 * 0.01, dtype=torch.float64))
     for t in range(steps):
         model = model_at(run, cfg, t)
         (rec,) = read_segment(run.grads(t), range(t, t + 1))
@@ -61,7 +68,7 @@ def test_logged_gradients_are_exact_per_sample_gradients(tmp_path, reduction, ac
         nxt = load_tensors(run.checkpoint(t + 1))
         for name in rec.grads:
             total = rec.grads[name].sum(0).view(params[f"{name}.weight"].shape[0], -1)
-            want_w = (1 - 0.05 * 0.01) * params[f"{name}.weight"] - 0.05 * total[:, :-1]
+            want_w = (1 - lr[t] * wd[t]) * params[f"{name}.weight"] - lr[t] * total[:, :-1]
             torch.testing.assert_close(nxt[f"{name}.weight"], want_w, rtol=1e-9, atol=1e-12)
 
 

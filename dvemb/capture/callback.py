@@ -139,6 +139,9 @@ class GradientLogger(L.Callback):
             return  # gradient accumulation: the optimizer has not stepped yet
         step = self._step_before
         lr, wd = self._lr_wd
+        clip = float(getattr(pl_module, "clip_factor", 1.0))
+        if clip < 1.0:  # theta' = (1 - lr wd) theta - lr clip g: record lr' = lr clip, wd' = wd / clip
+            lr, wd = lr * clip, (wd / clip if clip > 0 else 0.0)
         scaler = self._scaler(trainer)
         if scaler is not None and float(scaler.get_scale()) < self._scale:
             # AMP overflow: the scaler skipped this update, so the step changed nothing.

@@ -83,6 +83,11 @@ def check_replayable(cfg: RunConfig) -> None:
         raise ReplayError(f"train.momentum={t.momentum}: SGD with momentum is not replayable as plain SGD")
     if t.precision in ("16-mixed", "bf16-mixed"):
         raise ReplayError(f"train.precision={t.precision!r}: mixed-precision steps cannot be replayed exactly")
+    if t.grad_clip is not None:
+        raise ReplayError(
+            f"train.grad_clip={t.grad_clip}: removing a sample changes the clip factor, which the replay (recorded "
+            "LRs) does not recompute"
+        )
 
 
 def load_trajectory(run: RunDir, fp64: bool = False) -> Trajectory:

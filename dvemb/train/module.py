@@ -31,6 +31,18 @@ class Trainee(L.LightningModule):
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         super().__init__()
         self.model, self.cfg = model, cfg
+        self.clip_factor = 1.0  # of the last optimizer step: the update was lr * clip_factor * gradient
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the global gradient norm to ``cfg.grad_clip`` (as torch's clip_grad_norm_) and keep the factor.
+
+        Runs after the callbacks' hook and after AMP unscaling. Clipping rescales the whole update, so
+        for SGD it is exactly a step with LR ``lr * clip_factor``; GradientLogger records that.
+        """
+        if self.cfg.grad_clip is None:
+            return
+        norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), self.cfg.grad_clip))
+        self.clip_factor = min(1.0, self.cfg.grad_clip / (norm + 1e-6)) if math.isfinite(norm) else 0.0
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         losses = per_sample_cross_entropy(self.model(batch["x"]), batch["y"])
