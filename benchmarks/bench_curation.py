@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, replace_doc_block
 from dvemb.config import load_config
 from dvemb.curate.detect import detection_metrics, dvemb_values, grad_dot_values, loss_values
 from dvemb.curate.plan import Window
@@ -51,10 +51,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny subset, 1 seed: a smoke test")
     ap.add_argument("--run-dir", type=Path, default=None, help="keep the source run here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--from-json", type=Path, default=None, help="only print the tables of a finished run's JSON")
+    ap.add_argument(
+        "--doc-block", default=None, help="with --from-json: write them into this block of docs/CURATION.md"
+    )
     ap.add_argument("--detect-only", action="store_true", help="source run + detection only (printed, not written)")
     ap.add_argument("--loo-samples", type=int, default=300, help="exact all-epoch LOO of this many samples (0: skip)")
     ap.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], help="overrides key.path=value")
     args = ap.parse_args()
+    if args.from_json:
+        print_markdown(args.from_json, args.doc_block)
+        return
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     sets = list(args.sets)
@@ -258,10 +265,19 @@ def markdown(result: dict, summary: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def print_markdown(path: Path) -> None:
-    """The Markdown tables of a finished benchmark's JSON."""
+def print_markdown(path: Path, doc_block: str | None = None) -> None:
+    """The Markdown tables of a finished benchmark's JSON; also into ``doc_block`` of docs/CURATION.md."""
     result = json.loads(path.read_text())
-    print(markdown(result, pl.DataFrame(result["retrain_summary"])))
+    text = markdown(result, pl.DataFrame(result["retrain_summary"]))
+    print(text)
+    if doc_block:
+        cfg, m, sec = result["config"], result["machine"], result["seconds"]
+        head = (
+            f"`python -m benchmarks.bench_curation --from-json {path.relative_to(ROOT)} --doc-block {doc_block}` — "
+            f"{cfg['train']['epochs']} epochs, lr {cfg['train']['lr']}, {result['phases']['total_steps']} steps, "
+            f"{len(result['seeds'])} seeds; measured {m['date']} on {m['cpu_model']}, {sec['total']:.0f} s.\n\n"
+        )
+        replace_doc_block(ROOT / "docs" / "CURATION.md", doc_block, head + text)
 
 
 if __name__ == "__main__":

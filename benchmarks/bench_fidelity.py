@@ -47,6 +47,7 @@ from dvemb.eval.metrics import pearson, spearman
 from dvemb.eval.replay import Batch, Params, sgd_step
 from dvemb.models import MLP, MLPConfig
 from dvemb.score.validation import validation_gradients
+from dvemb.store.atomic import atomic_path
 
 try:  # run as a module (python -m benchmarks.bench_fidelity) or loaded from a path by the tests
     from benchmarks.common import RESULTS, machine_info, replace_doc_block, write_json_atomic
@@ -303,9 +304,14 @@ def run_regime(dataset: str, epochs: int, lr: float, projections: dict, n_points
         "tsloo_abs_mean": float(ts.abs().mean()),
         "projections": {},
     }
+    rows = torch.tensor([t * B + p for t, p in pick])
     for proj, (k_a, k_s) in projections.items():
         est = estimates(exp, k_a, k_s)
         by_est = reg["projections"][proj] = compare(exp, est, pick, ts, ids, loo)
+        if proj == "full":  # per-point values for the scatter plot
+            reg["scatter"] = {"tsloo": ts.tolist()} | {
+                n: est[n][rows].tolist() for n in ESTIMATORS if n in est and not n.endswith(":seconds")
+            }
         print(
             f"{dataset} {proj}: "
             + ", ".join(f"{k} {v['tsloo_spearman']:.2f}" for k, v in by_est.items() if "skipped" not in v),
@@ -367,12 +373,57 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, img_dir: Path) -> list[Path]:
+    """fidelity_spearman.png (Spearman vs TSLOO, every regime x projection x estimator) and
+    fidelity_scatter.png (estimate vs exact TSLOO, unprojected, the long regimes)."""
+    from matplotlib.figure import Figure
+
+    panels = [(d, r, reg) for d, res in results["datasets"].items() for r, reg in res["regimes"].items()]
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (d, r, reg) in zip(axes, panels):
+        projs = list(reg["projections"])
+        width = 0.8 / len(ESTIMATORS)
+        for i, name in enumerate(ESTIMATORS):
+            ys = [reg["projections"][p].get(name, {}).get("tsloo_spearman", float("nan")) for p in projs]
+            ax.bar([j + (i - len(ESTIMATORS) / 2 + 0.5) * width for j in range(len(projs))], ys, width, label=name)
+        ax.set_xticks(range(len(projs)), projs)
+        ax.axhline(0.95, color="k", lw=0.6, ls="--")
+        ax.set_title(f"{d}, {r} (lr {reg['lr']})")
+        ax.set_ylim(-0.5, 1.0)
+    axes[0].set_ylabel("Spearman vs exact TSLOO")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    paths = [img_dir / "fidelity_spearman.png"]
+    with atomic_path(paths[0]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+    longs = [(d, r, reg) for d, r, reg in panels if r.startswith("long") and "scatter" in reg]
+    shown = ("DVEmb-fisher-model", "DVEmb-fisher", "DVEmb-empirical", "grad-dot")
+    fig = Figure(figsize=(3.2 * len(shown), 3.0 * len(longs)), layout="constrained")
+    axes = fig.subplots(len(longs), len(shown), squeeze=False)
+    for row, (d, r, reg) in zip(axes, longs):
+        ts = reg["scatter"]["tsloo"]
+        for ax, name in zip(row, shown):
+            ax.scatter(ts, reg["scatter"][name], s=4, alpha=0.6)
+            rho = reg["projections"]["full"][name]["tsloo_spearman"]
+            ax.set_title(f"{d} {r}: {name}\nSpearman {rho:.2f}", fontsize=9)
+            ax.set_xlabel("exact TSLOO")
+        row[0].set_ylabel("estimate (unprojected)")
+    paths.append(img_dir / "fidelity_scatter.png")
+    with atomic_path(paths[1]) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return paths
+
+
 def write_results_md(results: dict, path: Path) -> None:
     m = results["machine"]
     body = (
         f"Measured {m['date']} on {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch "
         f"thread(s)), torch {m['torch_version']}, fp64, total {results['seconds']:.0f} s. "
-        f"Raw JSON: `benchmarks/results/bench_fidelity_cpu.json`.\n\n{table(results)}"
+        f"Raw JSON: `benchmarks/results/bench_fidelity_cpu.json`.\n\n"
+        "![Spearman by estimator](img/fidelity_spearman.png)\n\n"
+        "![estimate vs exact TSLOO](img/fidelity_scatter.png)\n\n"
+        f"{table(results)}"
     )
     replace_doc_block(path, "bench_fidelity", body, "## Fidelity vs exact retraining (`bench_fidelity`)\n\n")
 
@@ -437,6 +488,7 @@ def main() -> None:
     name = "bench_fidelity_quick_cpu.json" if args.quick else "bench_fidelity_cpu.json"
     write_json_atomic(RESULTS / name, results)
     if not args.quick:
+        plot(results, ROOT / "docs" / "img")
         write_results_md(results, ROOT / "docs" / "RESULTS.md")
 
 

@@ -218,6 +218,17 @@ def main() -> None:
             args.val_every,
             args.val_samples,
         ),
+        # the same phases held to a third of the steps: the early phase + the last stretch that fills the budget
+        "phase-aware online, 1/3 of the steps (early + last stretch)": selection_plan(
+            total,
+            [
+                (0, min(normed["early_end"], total // 3), "early"),
+                (total - max(0, total // 3 - normed["early_end"]), total, "late"),
+            ],
+            args.pool_factor,
+            args.val_every,
+            args.val_samples,
+        ),
         "online at every step": selection_plan(
             total, [(0, total, "all")], args.pool_factor, args.val_every, args.val_samples
         ),
