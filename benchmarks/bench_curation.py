@@ -273,7 +273,7 @@ def print_markdown(path: Path, doc_block: str | None = None) -> None:
     if doc_block:
         cfg, m, sec = result["config"], result["machine"], result["seconds"]
         head = (
-            f"`python -m benchmarks.bench_curation --from-json {path.relative_to(ROOT)} --doc-block {doc_block}` — "
+            f"Tables of `{path}` (`--from-json {path} --doc-block {doc_block}`): "
             f"{cfg['train']['epochs']} epochs, lr {cfg['train']['lr']}, {result['phases']['total_steps']} steps, "
             f"{len(result['seeds'])} seeds; measured {m['date']} on {m['cpu_model']}, {sec['total']:.0f} s.\n\n"
         )
