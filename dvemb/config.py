@@ -109,6 +109,9 @@ class CurateConfig(Section):
     select_phases: list[Literal["early", "middle", "late"]] = Field(
         default_factory=lambda: ["early", "late"], description="phases in which selection is active"
     )
+    select_budget: float | None = Field(
+        None, gt=0, le=1, description="at most this fraction of the steps select (phases shrink toward their ends)"
+    )
     pool_factor: int = Field(4, ge=1, description="candidate pool = pool_factor x batch size")
     select_value: str = Field("value", description="prior value column used by select=prior and reorder")
     val_every: int = Field(1, ge=1, description="online: refresh the validation gradient every n selection steps")

@@ -114,6 +114,23 @@ def test_curated_table_orders_by_value_and_keeps_unscored_rows():
 # --------------------------------------------------------------------------- plans
 
 
+def test_selection_budget_shrinks_windows_toward_their_outer_ends():
+    ph = Phases(total_steps=200, early_end=20, late_start=100)  # early 20 + late 100 = 120 selection steps
+    w = plan_windows(ph, reorder="none", select="online", select_phases=["early", "late"], budget=0.3)
+    assert [(x.start, x.stop, x.phase) for x in w] == [(0, 10, "early"), (150, 200, "late")]  # 60 = 10 + 50
+    w = plan_windows(ph, "none", "online", ["early", "late"], budget=0.7)  # 140 allowed >= 120: unchanged
+    assert [(x.start, x.stop) for x in w] == [(0, 20), (100, 200)]
+    w = plan_windows(ph, "none", "online", ["middle"], budget=0.1)  # middle [20, 100) keeps its centre
+    assert [(x.start, x.stop) for x in w] == [(50, 70)]
+    w = plan_windows(ph, "none", "online", ["early", "late"], budget=1 / 3)  # 66: 11 + 55 exactly, no rounding loss
+    assert sum(x.stop - x.start for x in w) == 66 and w[-1].stop == 200
+    empty = Phases(total_steps=200, early_end=0, late_start=200)
+    assert plan_windows(empty, "none", "online", ["early", "late"], budget=0.2) == []
+    # an early window trimmed by the budget stays selection; reorder never takes the remainder
+    w = plan_windows(ph, "early", "online", ["early", "late"], budget=0.3)
+    assert [x.mode for x in w] == ["online", "online"]
+
+
 def test_plan_windows_follow_the_phases():
     ph = Phases(total_steps=10, early_end=3, late_start=7)
     w = plan_windows(ph, reorder="early", select="online", select_phases=["late"])

@@ -85,18 +85,46 @@ class SelectionPlan(BaseModel):
         return {w.mode for w in self.windows if w.stop > w.start}
 
 
-def plan_windows(phases: Phases, reorder: str, select: str, select_phases: list[str]) -> list[Window]:
+def plan_windows(
+    phases: Phases, reorder: str, select: str, select_phases: list[str], budget: float | None = None
+) -> list[Window]:
     """Windows from the policy: selection in ``select_phases``; reorder in the early phase where not selecting.
 
-    Selection takes precedence over reordering where both apply.
+    Selection takes precedence over reordering where both apply. ``budget``: at most this fraction of
+    the steps select; each selection window then shrinks in proportion to its length, keeping its
+    outer end (early keeps step 0, late keeps the last step, middle its centre).
     """
+    spans = {p: phases.window(p) for p in ("early", "middle", "late")}
+    selected = [p for p in spans if select != "none" and p in select_phases and spans[p][1] > spans[p][0]]
+    if budget is not None and selected:
+        spans |= _trimmed({p: spans[p] for p in selected}, int(budget * phases.total_steps))
     out = []
-    for p in ("early", "middle", "late"):
-        a, b = phases.window(p)
+    for p, (a, b) in spans.items():
         if b <= a:
             continue
-        if select != "none" and p in select_phases:
+        if p in selected:
             out.append(Window(start=a, stop=b, mode=select, phase=p))
         elif reorder == "early" and p == "early":
             out.append(Window(start=a, stop=b, mode="ordered", phase=p))
+    return out
+
+
+def _trimmed(spans: dict[str, tuple[int, int]], allowed: int) -> dict[str, tuple[int, int]]:
+    """Shrink the windows to ``allowed`` steps in all, in proportion to their lengths (remainder to the last)."""
+    lengths = {p: b - a for p, (a, b) in spans.items()}
+    total = sum(lengths.values())
+    if total <= allowed:
+        return spans
+    keep = {p: n * allowed // total for p, n in lengths.items()}
+    keep[list(spans)[-1]] += allowed - sum(keep.values())
+    out = {}
+    for p, (a, b) in spans.items():
+        n = keep[p]
+        if p == "early":
+            out[p] = (a, a + n)
+        elif p == "late":
+            out[p] = (b - n, b)
+        else:
+            c = a + (b - a - n) // 2
+            out[p] = (c, c + n)
     return out

@@ -48,7 +48,7 @@ def build_plan(
         n_kept=n_kept,
         n_dropped=n_train - n_kept,
         order=f"{policy.select_value} descending",
-        windows=plan_windows(phases, policy.reorder, policy.select, list(policy.select_phases)),
+        windows=plan_windows(phases, policy.reorder, policy.select, list(policy.select_phases), policy.select_budget),
         pool_factor=policy.pool_factor,
         val_every=policy.val_every,
         val_samples=policy.val_samples,
