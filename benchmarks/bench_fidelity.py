@@ -8,7 +8,8 @@ Two datasets, each with a fixed recorded order, plain SGD, batch 32, tanh:
 
 Regimes per dataset: **short** (3 epochs) and **long** (10 epochs, higher lr; see ``DATASETS``); digits
 also runs **long-lr0.3**, a harsher stress regime.
-Gradients are captured with the real hooks at three projection sizes (8x8, 32x32, unprojected);
+Gradients are captured with the real hooks at 8x8 and 32x32 (Kronecker, and the elementwise tensor sketch
+with as many dimensions, "-ew") and unprojected;
 every estimator scores the same captured gradients:
 
 * DVEmb-empirical / DVEmb-fisher / DVEmb-fisher_mc (4 labels) — direct scoring (== embedding mode),
@@ -98,7 +99,13 @@ DATASETS = {
 N_TRAIN, N_VAL = DATASETS["digits"].n_train, DATASETS["digits"].n_val
 REGIMES = {k: DATASETS["digits"].regimes[k] for k in ("short", "long")}  # bench_peer reuses these
 IF_MAX_DIM = 4096  # larger layers: the IF's dense D x D solve is skipped
-PROJECTIONS = {"8x8": (8, 8), "32x32": (32, 32), "full": (None, None)}
+PROJECTIONS = {  # name -> (k_a, k_s, kind); "-ew": the elementwise tensor sketch with k_a * k_s dims per layer
+    "8x8": (8, 8, "kronecker"),
+    "8x8-ew": (8, 8, "elementwise"),
+    "32x32": (32, 32, "kronecker"),
+    "32x32-ew": (32, 32, "elementwise"),
+    "full": (None, None, "kronecker"),
+}
 ESTIMATORS = (
     "DVEmb-empirical",
     "DVEmb-fisher",
@@ -172,9 +179,11 @@ def train(epochs: int, lr: float, seed: int = 0, dataset: str = "digits") -> Exp
     return Experiment(model, batches, schedule, params, (x[va], y[va]), epochs, len(batches) // epochs)
 
 
-def capture(exp: Experiment, k_a: int | None, k_s: int | None) -> tuple[GradientCapture, list[StepGrads]]:
+def capture(
+    exp: Experiment, k_a: int | None, k_s: int | None, kind: str = "kronecker"
+) -> tuple[GradientCapture, list[StepGrads]]:
     """Per-step projected gradients g = w grad l at theta_t, through the real hooks."""
-    cap = GradientCapture(exp.model, ProjectionConfig(k_a=k_a, k_s=k_s, dtype="float64"))
+    cap = GradientCapture(exp.model, ProjectionConfig(k_a=k_a, k_s=k_s, dtype="float64", kind=kind))
     records = []
     for t, b in enumerate(exp.batches):
         with cap.micro_batch(b.sample_ids, weight=b.weights):
@@ -204,9 +213,9 @@ def fisher_fn(exp: Experiment, cap: GradientCapture, mode: str, k: int = 1):
     return fn
 
 
-def estimates(exp: Experiment, k_a, k_s, which=ESTIMATORS) -> dict[str, torch.Tensor]:
+def estimates(exp: Experiment, k_a, k_s, which=ESTIMATORS, kind: str = "kronecker") -> dict[str, torch.Tensor]:
     """Every estimator's per-occurrence score (all steps, row t*B + position), fp64."""
-    cap, records = capture(exp, k_a, k_s)
+    cap, records = capture(exp, k_a, k_s, kind)
     T = len(records)
     v = val_grads(exp, cap, T)
     f64 = torch.float64
@@ -305,8 +314,8 @@ def run_regime(dataset: str, epochs: int, lr: float, projections: dict, n_points
         "projections": {},
     }
     rows = torch.tensor([t * B + p for t, p in pick])
-    for proj, (k_a, k_s) in projections.items():
-        est = estimates(exp, k_a, k_s)
+    for proj, (k_a, k_s, kind) in projections.items():
+        est = estimates(exp, k_a, k_s, kind=kind)
         by_est = reg["projections"][proj] = compare(exp, est, pick, ts, ids, loo)
         if proj == "full":  # per-point values for the scatter plot
             reg["scatter"] = {"tsloo": ts.tolist()} | {
@@ -323,7 +332,7 @@ def run_regime(dataset: str, epochs: int, lr: float, projections: dict, n_points
 
 def run(quick: bool = False, seed: int = 0, datasets: tuple[str, ...] = tuple(DATASETS)) -> dict:
     torch.set_default_dtype(torch.float64)
-    projections = {"8x8": (8, 8)} if quick else PROJECTIONS
+    projections = {"8x8": PROJECTIONS["8x8"]} if quick else PROJECTIONS
     results = {"datasets": {}, "seed": seed}
     for name in datasets:
         setup = DATASETS[name]
@@ -434,7 +443,8 @@ def lr_sweep(lrs: list[float], seed: int = 0) -> None:
     setup = DATASETS["digits"]
     t0 = time.perf_counter()
     rows = {
-        lr: run_regime("digits", 10, lr, {"full": (None, None)}, setup.n_points, setup.n_samples, seed) for lr in lrs
+        lr: run_regime("digits", 10, lr, {"full": PROJECTIONS["full"]}, setup.n_points, setup.n_samples, seed)
+        for lr in lrs
     }
     torch.set_default_dtype(torch.float32)
     result = {"lrs": rows, "seed": seed, "seconds": time.perf_counter() - t0, "machine": machine_info("cpu")}

@@ -102,10 +102,10 @@ def train_plain(exp: Experiment) -> tuple[float, MLP]:
 # dvemb
 
 
-def run_dvemb(exp: Experiment, k: int | None, curvature: str, blocks: str = "layer") -> dict:
+def run_dvemb(exp: Experiment, k: int | None, curvature: str, blocks: str = "layer", kind: str = "kronecker") -> dict:
     """Capture during training, then both modes (embedding: embed_steps + dot_scores; direct)."""
     model = fresh_model(exp)
-    cap = GradientCapture(model, ProjectionConfig(k_a=k, k_s=k, dtype="float64"))
+    cap = GradientCapture(model, ProjectionConfig(k_a=k, k_s=k, dtype="float64", kind=kind))
     records, curv = [], {}
     t0 = time.perf_counter()
     for t, b in enumerate(exp.batches):
@@ -313,8 +313,11 @@ def run_regime(name: str, epochs: int, lr: float, projections: dict, repeats: in
 
     timing = ("train_s", "embed_s", "score_emb_s", "direct_s", "score_s")
     for proj, k in projections.items():
-        for curv, blocks in (("empirical", "layer"), ("empirical", "model"), ("fisher", "layer"), ("fisher", "model")):
-            r = median_runs(lambda k=k, c=curv, bl=blocks: run_dvemb(exp, k, c, bl), repeats, timing)
+        dvemb_variants = [(c, bl, "kronecker") for c in ("empirical", "fisher") for bl in ("layer", "model")]
+        if k is not None:  # the elementwise tensor sketch, k*k dims per layer (dattri's "elementwise" idea)
+            dvemb_variants += [("empirical", "layer", "elementwise"), ("fisher", "model", "elementwise")]
+        for curv, blocks, kind in dvemb_variants:
+            r = median_runs(lambda k=k, c=curv, bl=blocks, kd=kind: run_dvemb(exp, k, c, bl, kd), repeats, timing)
             cap_s = r["train_s"] - plain_s
             extra = {"train_s": r["train_s"], "theta_gap": r["theta_gap"], "emb_vs_direct_rel": r["emb_vs_direct_rel"]}
             for mode, occ, emb_s, sc_s in (
@@ -323,7 +326,9 @@ def run_regime(name: str, epochs: int, lr: float, projections: dict, repeats: in
             ):
                 per_sample = torch.stack([occ[all_ids == z].sum() for z in ids]) if len(ids) else None
                 corr = correlations(occ[rows], ts, per_sample, loo)
-                label = f"{curv}{'-model' if blocks == 'model' else ''}, {mode}"
+                label = f"{curv}{'-model' if blocks == 'model' else ''}, {mode}" + (
+                    ", elementwise" if kind == "elementwise" else ""
+                )
                 add("dvemb", proj, label, r["dim"], corr, cap_s, emb_s, sc_s, extra)
 
         variants = [("none", None), ("kronecker", None)] if k is None else [("kronecker", N_LAYERS * k * k)]

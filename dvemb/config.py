@@ -65,6 +65,9 @@ class TrainConfig(Section):
 class CaptureConfig(Section):
     k_a: int | None = Field(32, ge=1, description="input-side projection size; null = exact")
     k_s: int | None = Field(32, ge=1, description="output-gradient-side projection size; null = exact")
+    kind: Literal["kronecker", "elementwise"] = Field(
+        "kronecker", description="kronecker: k_s x k_a matrix; elementwise: a k_a * k_s tensor sketch"
+    )
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float32"
     layers: str | list[str] | None = Field(None, description="glob pattern or names; null = every nn.Linear")

@@ -58,10 +58,13 @@ def make_gpt():
 @pytest.mark.parametrize("make", [make_mlp, make_gpt], ids=["mlp", "gpt"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("accumulation", [1, 2])
-@pytest.mark.parametrize("k", [(4, 3), (None, None)], ids=["projected", "exact"])
+@pytest.mark.parametrize(
+    "k", [(4, 3, "kronecker"), (None, None, "kronecker"), (4, 3, "elementwise")], ids=["projected", "exact", "sketch"]
+)
 def test_capture_matches_torch_func(make, reduction, accumulation, k):
+    """Hooks == the projection of torch.func's full per-sample gradient (elementwise: sqrt(k) diag(P_s G P_a^T))."""
     model, x, y = make()
-    cap = GradientCapture(model, ProjectionConfig(k_a=k[0], k_s=k[1], seed=3, dtype="float64"))
+    cap = GradientCapture(model, ProjectionConfig(k_a=k[0], k_s=k[1], seed=3, dtype="float64", kind=k[2]))
     n = len(x) // accumulation
     for i in range(accumulation):
         xs, ys, ids = x[i * n : (i + 1) * n], y[i * n : (i + 1) * n], torch.arange(i * n, (i + 1) * n)
@@ -79,6 +82,33 @@ def test_capture_matches_torch_func(make, reduction, accumulation, k):
     for name in ref:
         assert rec.grads[name].shape == (len(x), cap.specs[name].dim)
         torch.testing.assert_close(rec.grads[name], ref[name], rtol=1e-6, atol=1e-12)
+
+
+def test_elementwise_sketch_preserves_inner_products_in_expectation():
+    """E over projection seeds of <sketch(G), sketch(G')> == <G, G'> (unbiased), within 4 standard errors."""
+    from dvemb.capture.projection import LayerProjection, Projector
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 12, generator=gen), torch.randn(7, 12, generator=gen)
+    b = b + 0.5 * a  # correlated, so the target is far from 0
+    est = torch.stack(
+        [
+            (p.project_matrix(a) * p.project_matrix(b)).sum()
+            for p in (
+                Projector(LayerProjection(12, 7, 4, 4, seed, "elementwise"), torch.float64) for seed in range(400)
+            )
+        ]
+    )
+    true = (a * b).sum()
+    se = est.std() / len(est) ** 0.5
+    assert abs(est.mean() - true) < 4 * se, (float(est.mean()), float(true), float(se))
+    assert se < 0.2 * abs(true)  # the test has power: the estimate is not just noise
+
+
+def test_elementwise_needs_both_sizes():
+    model, _, _ = make_mlp()
+    with pytest.raises(ValueError, match="elementwise"):
+        GradientCapture(model, ProjectionConfig(k_a=None, k_s=4, kind="elementwise"))
 
 
 def test_amp_loss_scale_is_divided_out():

@@ -31,12 +31,21 @@ from dvemb.errors import CaptureError, NonFiniteGradientError
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    """Projection sizes per layer side; ``k >= d`` (or None) means exact (identity)."""
+    """Projection sizes per layer side; ``k >= d`` (or None) means exact (identity).
+
+    kind: ``kronecker`` (k_s x k_a matrix) or ``elementwise`` (a k_a * k_s tensor sketch; both k needed).
+    """
 
     k_a: int | None = 32
     k_s: int | None = 32
     seed: int = 0
     dtype: str = "float32"
+    kind: str = "kronecker"
+
+    @classmethod
+    def of(cls, capture) -> ProjectionConfig:
+        """From a run config's ``capture`` section (dvemb.config.CaptureConfig)."""
+        return cls(capture.k_a, capture.k_s, capture.seed, capture.dtype, capture.kind)
 
 
 @dataclass
@@ -86,15 +95,19 @@ def select_linear_layers(model: nn.Module, layers: Sequence[str] | str | None = 
 
 def layer_projections(tracked: dict[str, nn.Linear], cfg: ProjectionConfig) -> dict[str, LayerProjection]:
     """The recorded projection of every tracked layer (d_in includes the bias input)."""
+    if cfg.kind == "elementwise" and (cfg.k_a is None or cfg.k_s is None):
+        raise ValueError("capture.kind 'elementwise' needs k_a and k_s (the sketch has k_a * k_s dimensions)")
     specs = {}
     for name, lin in tracked.items():
         d_in, d_out = lin.in_features + 1, lin.out_features
+        elementwise = cfg.kind == "elementwise"
         specs[name] = LayerProjection(
             d_in=d_in,
             d_out=d_out,
-            k_a=min(cfg.k_a or d_in, d_in),
-            k_s=min(cfg.k_s or d_out, d_out),
+            k_a=cfg.k_a if elementwise else min(cfg.k_a or d_in, d_in),
+            k_s=cfg.k_s if elementwise else min(cfg.k_s or d_out, d_out),
             seed=layer_seed(cfg.seed, name),
+            kind=cfg.kind,
         )
     return specs
 

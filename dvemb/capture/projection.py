@@ -1,9 +1,16 @@
 """Seeded Gaussian projections of per-sample Linear-layer gradients.
 
 A Linear layer W: d_in -> d_out (bias = an extra input fixed at 1) has a per-sample weight
-gradient ``sum_tokens ds a^T`` of shape [d_out, d_in + 1]. We keep the projected version
-``sum_tokens (P_s ds)(P_a a)^T`` of shape [k_s, k_a], flattened row-major. ``P`` entries are
-N(0, 1/k), drawn from a recorded per-layer seed; a side whose k >= d uses the identity (exact).
+gradient ``G = sum_tokens ds a^T`` of shape [d_out, d_in + 1]. Two ways to compress it:
+
+* ``kronecker`` (default): ``sum_tokens (P_s ds)(P_a a)^T = P_s G P_a^T`` of shape [k_s, k_a],
+  flattened row-major; a side whose k >= d uses the identity (exact).
+* ``elementwise`` (a tensor sketch, what dattri calls "elementwise"): k = k_a * k_s coordinates
+  ``sqrt(k) * sum_tokens (P_s ds) * (P_a a) = sqrt(k) * diag(P_s G P_a^T)`` with P_a: [k, d_in],
+  P_s: [k, d_out]. Inner products are unbiased, E<g, g'> = <G, G'>, and for the same number of
+  dimensions the variance is lower than a Kronecker sketch's when the budget is small.
+
+``P`` entries are N(0, 1/rows), drawn from a recorded per-layer seed.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+KINDS = ("kronecker", "elementwise")
 
 
 def layer_seed(base_seed: int, layer: str) -> int:
@@ -30,18 +38,25 @@ class LayerProjection:
     k_a: int
     k_s: int
     seed: int
+    kind: str = "kronecker"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"projection kind {self.kind!r}: choose one of {', '.join(KINDS)}")
 
     @property
     def identity_a(self) -> bool:
-        return self.k_a >= self.d_in
+        return self.kind == "kronecker" and self.k_a >= self.d_in
 
     @property
     def identity_s(self) -> bool:
-        return self.k_s >= self.d_out
+        return self.kind == "kronecker" and self.k_s >= self.d_out
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(rows, cols) of the stored per-sample gradient matrix."""
+        """(rows, cols) of the stored per-sample gradient matrix (elementwise: one row of k_a * k_s)."""
+        if self.kind == "elementwise":
+            return (1, self.k_a * self.k_s)
         return (
             self.d_out if self.identity_s else self.k_s,
             self.d_in if self.identity_a else self.k_a,
@@ -61,7 +76,8 @@ class LayerProjection:
 
     @classmethod
     def from_json(cls, d: dict) -> LayerProjection:
-        return cls(d_in=d["d_in"], d_out=d["d_out"], k_a=d["k_a"], k_s=d["k_s"], seed=d["seed"])
+        kind = d.get("kind", "kronecker")  # files written before the elementwise kind
+        return cls(d_in=d["d_in"], d_out=d["d_out"], k_a=d["k_a"], k_s=d["k_s"], seed=d["seed"], kind=kind)
 
 
 def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -81,9 +97,12 @@ class Projector:
     ):
         self.spec = spec
         self.dtype = dtype
-        # P_a: [k_a, d_in]; P_s: [k_s, d_out]; None = identity.
-        self.p_a = None if spec.identity_a else gaussian(spec.k_a, spec.d_in, spec.seed).to(device, dtype)
-        self.p_s = None if spec.identity_s else gaussian(spec.k_s, spec.d_out, spec.seed + 1).to(device, dtype)
+        self.elementwise = spec.kind == "elementwise"
+        # kronecker: P_a [k_a, d_in], P_s [k_s, d_out]; elementwise: both k = k_a * k_s rows; None = identity.
+        rows_a, rows_s = (spec.dim, spec.dim) if self.elementwise else (spec.k_a, spec.k_s)
+        self.p_a = None if spec.identity_a else gaussian(rows_a, spec.d_in, spec.seed).to(device, dtype)
+        self.p_s = None if spec.identity_s else gaussian(rows_s, spec.d_out, spec.seed + 1).to(device, dtype)
+        self._scale = spec.dim**0.5
         # [a, 1] @ P_a^T == a @ W + b: no copy of the input to append the bias column
         self._w_a = None if self.p_a is None else self.p_a[:, :-1].T.contiguous()
         self._b_a = None if self.p_a is None else self.p_a[:, -1].contiguous()
@@ -106,17 +125,19 @@ class Projector:
         a: [B, d] or [B, S, d]; ds: [B, d_out] or [B, S, d_out] -> [B, k_s * k_a] (tokens summed).
         """
         pa, ps = self.project_inputs(a), self.project_output_grads(ds)
-        if pa.dim() == 2:
-            g = ps[:, :, None] * pa[:, None, :]
-        elif pa.dim() == 3:
-            g = torch.bmm(ps.transpose(1, 2), pa)
-        else:
+        if pa.dim() not in (2, 3):
             raise ValueError(f"layer input must be [B, d] or [B, S, d], got shape {tuple(a.shape)}")
+        if self.elementwise:
+            g = pa * ps
+            return self._scale * (g if g.dim() == 2 else g.sum(1))
+        g = ps[:, :, None] * pa[:, None, :] if pa.dim() == 2 else torch.bmm(ps.transpose(1, 2), pa)
         return g.reshape(g.shape[0], -1)
 
     def project_matrix(self, grad_w: torch.Tensor) -> torch.Tensor:
         """A full [d_out, d_in] (bias included) gradient -> flattened projected [k_s * k_a]."""
         g = grad_w.to(self.dtype)
+        if self.elementwise:  # sqrt(k) diag(P_s G P_a^T)
+            return self._scale * ((self.p_s @ g) * self.p_a).sum(1)
         if self.p_s is not None:
             g = self.p_s @ g
         if self.p_a is not None:

@@ -109,7 +109,7 @@ def fit_variant(
             model,
             vb["x"],
             vb["y"],
-            ProjectionConfig(c.k_a, c.k_s, c.seed, c.dtype),
+            ProjectionConfig.of(c),
             c.layers,
             variant.plan.val_every,
             val_chunk=TEXT_EVAL_BATCH if vb["x"].dim() > 1 and not vb["x"].is_floating_point() else None,

@@ -36,7 +36,7 @@ def val_vectors(run: RunDir, cfg: RunConfig, step: int, batch_size: int = 512) -
     """Projected gradient of the mean validation loss at checkpoint ``step``: layer -> [1, D]."""
     model = model_at(run, cfg, step)
     c = cfg.capture
-    cap = GradientCapture(model, ProjectionConfig(c.k_a, c.k_s, c.seed, c.dtype), c.layers)
+    cap = GradientCapture(model, ProjectionConfig.of(c), c.layers)
     dtype = next(model.parameters()).dtype
     dm = TableDataModule(run.data("val"), batch_size=batch_size, shuffle=False, dtype=dtype)
     ds = dm.datasets["train"]

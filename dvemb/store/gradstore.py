@@ -212,7 +212,7 @@ def check_same_projection(stored: dict[str, LayerProjection], other: dict[str, L
             f"only here {sorted(set(other) - set(stored))}"
         )
     for name, s in stored.items():
-        for f in ("d_in", "d_out", "k_a", "k_s", "seed"):
+        for f in ("kind", "d_in", "d_out", "k_a", "k_s", "seed"):
             if getattr(s, f) != getattr(other[name], f):
                 raise ProjectionMismatchError(
                     f"{where}: layer {name!r} has {f}={getattr(other[name], f)}, the store has {getattr(s, f)}"

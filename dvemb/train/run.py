@@ -94,7 +94,7 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
         model = model.double()
     logger = GradientLogger(
         run,
-        ProjectionConfig(k_a=cfg.capture.k_a, k_s=cfg.capture.k_s, seed=cfg.capture.seed, dtype=cfg.capture.dtype),
+        ProjectionConfig.of(cfg.capture),
         segments=cfg.embed.segments,
         layers=cfg.capture.layers,
         reduction=cfg.train.reduction,
