@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -121,12 +122,12 @@ def gpt_workload(
 
 
 class Arm:
-    """One model copy + optimizer; ``capture`` True wraps each step in micro_batch/collect."""
+    """One model copy + optimizer; with a ``projection`` each step is wrapped in micro_batch/collect."""
 
-    def __init__(self, model: nn.Module, batches: list[Batch], capture: bool):
+    def __init__(self, model: nn.Module, batches: list[Batch], projection: ProjectionConfig | None):
         self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        self.cap = GradientCapture(model, PROJECTION) if capture else None
+        self.cap = GradientCapture(model, projection) if projection is not None else None
         self.batches = batches
         self.step_no = 0
         self.tracked = len(self.cap.tracked) if self.cap else 0
@@ -152,11 +153,13 @@ class Arm:
         return time.perf_counter() - t0
 
 
-def compare(work: Workload, device: str, blocks: int, steps_per_block: int) -> dict:
+def compare(
+    work: Workload, device: str, blocks: int, steps_per_block: int, projection: ProjectionConfig = PROJECTION
+) -> dict:
     """Alternate timing blocks (ABBA) of the plain and the capturing copy; median ratio."""
     sync = make_sync(device)
-    plain = Arm(work.model, work.batches, capture=False)
-    capt = Arm(copy.deepcopy(work.model), work.batches, capture=True)
+    plain = Arm(work.model, work.batches, None)
+    capt = Arm(copy.deepcopy(work.model), work.batches, projection)
     for arm in (plain, capt):  # warm-up
         arm.run(2, sync)
     t_plain, t_capt = [], []
@@ -192,7 +195,7 @@ def profile(work: Workload, device: str, steps: int, console: Console) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    arm = Arm(copy.deepcopy(work.model), work.batches, capture=True)
+    arm = Arm(copy.deepcopy(work.model), work.batches, PROJECTION)
     arm.run(2, make_sync(device))
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with tprofile(activities=acts) as prof:
@@ -239,6 +242,7 @@ def report(results: list[dict], console: Console) -> None:
 
 def _flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per workload")
+    ap.add_argument("--kind", choices=["kronecker", "elementwise"], default="kronecker", help="capture.kind")
     ap.add_argument(
         "--gpt100m",
         action=argparse.BooleanOptionalAction,
@@ -251,12 +255,14 @@ def main() -> None:
     args = bench_args(__doc__.split("\n\n")[0], _flags)
     console = Console(width=140)
     dev = args.device
+    projection = dataclasses.replace(PROJECTION, kind=args.kind)
     # (workload factory, timing blocks, steps per block)
     plan: list[tuple[Callable[[], Workload], int, int]] = [
         (lambda: mlp_workload(dev), 4 if args.quick else 12, 5 if args.quick else 20),
         (lambda: gpt_workload(dev, vocab=512), 4 if args.quick else 10, 1 if args.quick else 4),
     ]
-    if not args.quick:
+    # elementwise projects lm_head's 50257-wide output gradient to k_a * k_s = 1024 rows: ~53 GFLOP a step
+    if not args.quick and args.kind == "kronecker":
         plan.append((lambda: gpt_workload(dev, vocab=50257), 6, 2))
     if args.gpt100m or (args.gpt100m is None and dev == "cuda" and not args.quick):
         plan.append((lambda: gpt_workload(dev, 50257, batch=8, n_batches=2, shape=(12, 12, 768, 512)), 6, 3))
@@ -264,7 +270,7 @@ def main() -> None:
     for factory, blocks, steps in plan:
         work = factory()
         console.log(f"{work.name}: {blocks} blocks x {steps} steps per arm ...")
-        results.append(compare(work, dev, blocks, steps))
+        results.append(compare(work, dev, blocks, steps, projection))
         if args.profile:
             profile(work, dev, steps, console)
     report(results, console)
@@ -273,13 +279,15 @@ def main() -> None:
         "quick": args.quick,
         "machine": machine_info(dev),
         "config": {
-            "projection": {"k_a": PROJECTION.k_a, "k_s": PROJECTION.k_s, "dtype": PROJECTION.dtype},
+            "projection": {"k_a": projection.k_a, "k_s": projection.k_s, "dtype": projection.dtype, "kind": args.kind},
             "target_ratio": TARGET_RATIO,
             "timing": "alternating ABBA blocks, median of per-block ratios",
         },
         "results": results,
     }
-    name = "bench_capture_quick" if args.quick else "bench_capture"
+    name = ("bench_capture_quick" if args.quick else "bench_capture") + (
+        "_elementwise" if args.kind == "elementwise" else ""
+    )
     out = args.out or RESULTS / f"{name}_{dev}.json"
     write_json_atomic(out, payload)
     console.log(f"wrote {out}")

@@ -86,9 +86,10 @@ def performance_report(embed: dict, captures: list[dict], storage: dict | None) 
     for cap in captures:
         m = cap["machine"]
         where = m.get("gpu") or f"{m['cpu_model']}, {m['torch_threads']} thread"
+        kind = cap["config"]["projection"].get("kind", "kronecker")
         for r in cap["results"]:
             lines.append(
-                f"| capture overhead (time with / without, k = 32×32) | {r['model']}, B = {r['batch']} | "
+                f"| capture overhead (time with / without, k = 32×32 {kind}) | {r['model']}, B = {r['batch']} | "
                 f"**{r['ratio_median']:.2f}×** ({r['steps_per_s_without'] * r['batch']:.1f} → "
                 f"{r['steps_per_s_with'] * r['batch']:.1f} samples/s) | {where} |"
             )
@@ -115,11 +116,8 @@ def main() -> None:
     replace_doc_block(DOC, "bench_embed", embed_table(embed))
     replace_doc_block(DOC, "bench_segments", segments_table(embed))
     replace_doc_block(DOC, "bench_capture", capture_table(json.loads((RESULTS / "bench_capture_cpu.json").read_text())))
-    captures = [
-        json.loads(p.read_text())
-        for p in (RESULTS / "bench_capture_cpu.json", RESULTS / "bench_capture_cuda.json")
-        if p.exists()
-    ]
+    names = ("bench_capture_cpu.json", "bench_capture_elementwise_cpu.json", "bench_capture_cuda.json")
+    captures = [json.loads((RESULTS / n).read_text()) for n in names if (RESULTS / n).exists()]
     storage_json = RESULTS / "bench_storage_cpu.json"
     storage = json.loads(storage_json.read_text()) if storage_json.exists() else None
     replace_doc_block(RESULTS_DOC, "performance_report", performance_report(embed, captures, storage))
