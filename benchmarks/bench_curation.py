@@ -25,15 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from benchmarks.common import machine_info, replace_doc_block
-from dvemb.config import load_config
+from benchmarks.common import machine_info, replace_doc_block, source_run_path
+from dvemb.config import RunConfig, load_config
 from dvemb.curate.detect import detection_metrics, dvemb_values, grad_dot_values, loss_values
 from dvemb.curate.plan import Window
 from dvemb.curate.retrain import METRICS, Variant, fit_variant, summarize
@@ -71,13 +70,13 @@ def main() -> None:
     cfg = load_config(CONFIG, sets)
     tag = "quick_cpu" if args.quick else "cpu"
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_curation_{tag}.json"
+    with source_run_path(args.run_dir, "bench_curation_") as run_path:
+        benchmark(args, cfg, seeds, out, run_path)
+
+
+def benchmark(args: argparse.Namespace, cfg: RunConfig, seeds: list[int], out: Path, run_path: Path) -> None:
+    """Source run, detection, retraining variants; the JSON and the tables."""
     t0 = time.perf_counter()
-    tmp = None
-    if args.run_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_curation_")
-        run_path = Path(tmp.name) / "run"
-    else:
-        run_path = args.run_dir
 
     # 1. the source run
     t = time.perf_counter()
@@ -101,8 +100,6 @@ def main() -> None:
     loo_ceiling = exact_loo_detection(run, detectors, corrupted, 32 if args.quick else args.loo_samples)
     loo_s = time.perf_counter() - t
     if args.detect_only:  # printed, never recorded
-        if tmp is not None:
-            tmp.cleanup()
         return
 
     # 3. retraining variants
@@ -184,8 +181,6 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out} ({total_s:.0f} s)\n")
     print(markdown(result, summary))
-    if tmp is not None:
-        tmp.cleanup()
 
 
 def window_plan(plan, start: int, stop: int):

@@ -57,8 +57,8 @@ def flat_fns(exp: Experiment):
     return logits, losses, list(blocks.values()), flat
 
 
-def curvature(kind: str, theta, batch, logits, losses) -> torch.Tensor:
-    """Dense [P, P] curvature of step t's weighted loss at theta."""
+def curvature(kind: str, theta, batch, logits, losses, grads: torch.Tensor) -> torch.Tensor:
+    """Dense [P, P] curvature of step t's weighted loss at theta; grads: per-sample grad l_z [B, P]."""
     x, y, w = batch.x, batch.y, batch.weights
     if kind == "hessian":
         return hessian(lambda th: (w * losses(th, x, y)).sum())(theta)
@@ -68,8 +68,7 @@ def curvature(kind: str, theta, batch, logits, losses) -> torch.Tensor:
         mid = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # [B, C, C]
         return torch.einsum("b,bcp,bcd,bdq->pq", w, jac, mid, jac)
     if kind == "empirical":
-        g = vmap(grad(lambda th, xi, yi: losses(th, xi[None], yi[None])[0]), in_dims=(None, 0, 0))(theta, x, y)
-        return (w[:, None] * g).T @ g  # sum_z (1/w) (w g)(w g)^T
+        return (w[:, None] * grads).T @ grads  # sum_z (1/w) (w grad l)(w grad l)^T
     raise ValueError(kind)
 
 
@@ -90,10 +89,11 @@ def dense_scores(exp: Experiment) -> dict[str, torch.Tensor]:
     scores = {name: torch.empty(T * B, dtype=torch.float64) for name in u}
     for t in reversed(range(T)):
         b, lr = exp.batches[t], exp.schedule.at(t)[0]
-        g = vmap(grad(lambda th, xi, yi: losses(th, xi[None], yi[None])[0]), in_dims=(None, 0, 0))(flat[t], b.x, b.y)
-        g = b.weights[:, None] * g  # g_{t,z} = w grad l_z
+        per_sample = vmap(grad(lambda th, xi, yi: losses(th, xi[None], yi[None])[0]), in_dims=(None, 0, 0))
+        dl = per_sample(flat[t], b.x, b.y)  # grad l_z [B, P]
+        g = b.weights[:, None] * dl  # g_{t,z} = w grad l_z
         for kind in CURVATURES:
-            h = curvature(kind, flat[t], b, logits, losses)
+            h = curvature(kind, flat[t], b, logits, losses, dl)
             for form, m in (("full", h), ("block", block_diagonal(h, blocks))):
                 name = f"{kind}-{form}"
                 scores[name][t * B : (t + 1) * B] = lr * (g @ u[name])

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +30,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import machine_info, write_json_atomic
-from dvemb.config import load_config
+from benchmarks.common import machine_info, source_run_path, write_json_atomic
+from dvemb.config import RunConfig, load_config
 from dvemb.curate.plan import SelectionPlan, Window
 from dvemb.curate.retrain import Variant, fit_variant, summarize
 from dvemb.curate.values import Phases, detect_phases, final_occurrences, smooth_curve, step_curve
@@ -153,13 +152,13 @@ def main() -> None:
     cfg = load_config(CONFIG, sets)
     tag = "quick_cpu" if args.quick else "cpu"
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_phases_gpt_{tag}.json"
+    with source_run_path(args.run_dir, "bench_phases_gpt_") as run_path:
+        benchmark(args, cfg, out, run_path)
+
+
+def benchmark(args: argparse.Namespace, cfg: RunConfig, out: Path, run_path: Path) -> None:
+    """Source run, influence curve and phases, retraining; the JSON and the table."""
     t0 = time.perf_counter()
-    tmp = None
-    if args.run_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_phases_gpt_")
-        run_path = Path(tmp.name) / "run"
-    else:
-        run_path = args.run_dir
 
     # 1. source run + influence curve + phases
     source_s = None
@@ -284,8 +283,6 @@ def main() -> None:
     write_json_atomic(out, result)
     print(f"\nwrote {out} ({result['seconds']['total']:.0f} s)\n")
     print(markdown(result))
-    if tmp is not None:
-        tmp.cleanup()
 
 
 def markdown(result: dict) -> str:

@@ -7,8 +7,10 @@ import datetime as dt
 import os
 import platform
 import re
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,3 +96,13 @@ def replace_doc_block(path: Path, name: str, body: str, missing: str | None = No
         text = text.rstrip("\n") + "\n\n" + missing + block + "\n"
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextmanager
+def source_run_path(run_dir: Path | None, prefix: str) -> Iterator[Path]:
+    """``run_dir`` as given, or ``<a temp dir>/run``, removed on exit (also when the benchmark fails)."""
+    if run_dir is not None:
+        yield run_dir
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp) / "run"

@@ -16,11 +16,17 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
 RESULTS_DOC = DOC.with_name("RESULTS.md")
 
 
-def embed_table(d: dict) -> str:
-    m = d["machine"]
-    lines = [
+def measured(m: dict) -> str:
+    """The "Measured <date> on <machine>" line of a benchmark JSON's ``machine``."""
+    return (
         f"Measured {m['date']} on {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch thread), "
-        f"torch {m['torch_version']}, {m['device']}.",
+        f"torch {m['torch_version']}, {m['device']}."
+    )
+
+
+def embed_table(d: dict) -> str:
+    lines = [
+        measured(d["machine"]),
         "",
         "| k (D) | steps | mode | ms/step | GFLOP/s | × roofline | direct speed-up |",
         "|---|---:|---|---:|---:|---:|---:|",
@@ -47,10 +53,8 @@ def embed_table(d: dict) -> str:
 
 
 def capture_table(d: dict) -> str:
-    m = d["machine"]
     lines = [
-        f"Measured {m['date']} on {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch thread), "
-        f"torch {m['torch_version']}, {m['device']}.",
+        measured(d["machine"]),
         "",
         "| workload | B | tracked layers | data | steps/s without | steps/s with | ratio (median) | range |",
         "|---|---:|---:|---|---:|---:|---:|---|",

@@ -97,10 +97,10 @@ def layer_projections(tracked: dict[str, nn.Linear], cfg: ProjectionConfig) -> d
     """The recorded projection of every tracked layer (d_in includes the bias input)."""
     if cfg.kind == "elementwise" and (cfg.k_a is None or cfg.k_s is None):
         raise ValueError("capture.kind 'elementwise' needs k_a and k_s (the sketch has k_a * k_s dimensions)")
+    elementwise = cfg.kind == "elementwise"  # the sketch keeps k_a * k_s dims even where k >= d
     specs = {}
     for name, lin in tracked.items():
         d_in, d_out = lin.in_features + 1, lin.out_features
-        elementwise = cfg.kind == "elementwise"
         specs[name] = LayerProjection(
             d_in=d_in,
             d_out=d_out,
