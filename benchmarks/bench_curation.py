@@ -6,7 +6,9 @@
    occurrences, the same projected gradients) and the plain training loss of the final model.
    The ceiling of *any* validation-loss value: the exact all-epoch leave-one-out effect (fp64 retraining
    without the sample, ``dvemb.eval.groundtruth``) of ``--loo-samples`` random samples as a detector,
-   next to the other detectors on the same samples.
+   next to the other detectors on the same samples. Then the same three detectors over ``--noise-seeds``
+   source runs (data subset, flipped rows, model init) for each noise kind: uniform flips (the config)
+   and pair flips (class c -> c + 1, Han et al. 2018), with the exact-LOO ceiling of the pair-flip run.
 3. Retraining, ``--seeds`` seeds each (model init + batch order), evaluated on the clean test set:
    full data; random removal of as many rows as the DVEmb filter removes; the DVEmb filter;
    phase-aware online selection (early + late phases only); online selection at every step; and, beyond
@@ -56,6 +58,7 @@ def main() -> None:
     )
     ap.add_argument("--detect-only", action="store_true", help="source run + detection only (printed, not written)")
     ap.add_argument("--loo-samples", type=int, default=300, help="exact all-epoch LOO of this many samples (0: skip)")
+    ap.add_argument("--noise-seeds", type=int, default=3, help="detection over this many runs per noise kind (0: skip)")
     ap.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], help="overrides key.path=value")
     args = ap.parse_args()
     if args.from_json:
@@ -87,20 +90,24 @@ def benchmark(args: argparse.Namespace, cfg: RunConfig, seeds: list[int], out: P
 
     # 2. detection
     t = time.perf_counter()
-    detectors = {
-        "DVEmb": dvemb_values(run),
-        "grad-dot": grad_dot_values(run, cfg),
-        "training loss": loss_values(run, cfg),
-    }
+    detectors = all_detectors(run, cfg)
     detection = {name: detection_metrics(v, corrupted) for name, v in detectors.items()}
+    by_column = detection_by_column(run, corrupted)
     detect_s = time.perf_counter() - t
     for name, m in detection.items():
         print(f"  {name:14s} AUROC {m['auroc']:.4f}  P@{m['k']} {m['precision_at_k']:.4f}")
     t = time.perf_counter()
-    loo_ceiling = exact_loo_detection(run, detectors, corrupted, 32 if args.quick else args.loo_samples)
+    n_loo = 32 if args.quick else args.loo_samples
+    loo_ceiling = exact_loo_detection(run, detectors, corrupted, n_loo)
     loo_s = time.perf_counter() - t
     if args.detect_only:  # printed, never recorded
         return
+    t = time.perf_counter()
+    by_noise = {
+        kind: detection_over_seeds(cfg, kind, min(args.noise_seeds, 1 if args.quick else args.noise_seeds), n_loo)
+        for kind in ("uniform", "pairflip")
+    }
+    noise_s = time.perf_counter() - t
 
     # 3. retraining variants
     samples = pl.read_parquet(run.samples)
@@ -165,7 +172,9 @@ def benchmark(args: argparse.Namespace, cfg: RunConfig, seeds: list[int], out: P
         "phases": phases.model_dump(mode="json"),
         "filter": {"policy": cfg.curate.drop, "n_removed": n_removed, "n_removed_flipped": removed_noisy},
         "detection": detection,
+        "detection_by_column": by_column,
         "loo_ceiling": loo_ceiling,
+        "detection_by_noise": by_noise,
         "seeds": seeds,
         "retrain_runs": rows,
         "retrain_summary": summary.to_dicts(),
@@ -173,6 +182,7 @@ def benchmark(args: argparse.Namespace, cfg: RunConfig, seeds: list[int], out: P
             "source_run": source_s,
             "detection": detect_s,
             "exact_loo": loo_s,
+            "noise_kinds": noise_s,
             "retraining": retrain_s,
             "total": total_s,
         },
@@ -181,6 +191,63 @@ def benchmark(args: argparse.Namespace, cfg: RunConfig, seeds: list[int], out: P
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out} ({total_s:.0f} s)\n")
     print(markdown(result, summary))
+
+
+def all_detectors(run, cfg: RunConfig) -> dict[str, pl.DataFrame]:
+    """DVEmb, grad-dot and training-loss values of a finished run (low = flagged)."""
+    return {
+        "DVEmb": dvemb_values(run),
+        "grad-dot": grad_dot_values(run, cfg),
+        "training loss": loss_values(run, cfg),
+    }
+
+
+def detection_by_column(run, corrupted: np.ndarray) -> dict[str, float]:
+    """AUROC of every value column of scores/samples.parquet (per epoch, phase, checkpoint) — *when*
+    the flipped labels are visible. Reported, never used to pick a detector."""
+    samples = pl.read_parquet(run.samples)
+    return {
+        c: detection_metrics(samples.select("sample_id", pl.col(c).alias("value")), corrupted)["auroc"]
+        for c in samples.columns
+        if c.startswith("value") and samples[c].n_unique() > 1
+    }
+
+
+def detection_over_seeds(cfg: RunConfig, kind: str, n_seeds: int, n_loo: int) -> dict | None:
+    """Detection by all detectors over ``n_seeds`` source runs with ``kind`` label noise; seed s sets the
+    data subset, the flipped rows and the model init. The exact-LOO ceiling (``n_loo`` samples) of the
+    seed-0 pair-flip run. None when ``n_seeds`` is 0."""
+    if n_seeds <= 0:
+        return None
+    per_seed = []
+    for seed in range(n_seeds):
+        update = {"label_noise_kind": kind, "seed": seed}
+        c = cfg.model_copy(
+            update={
+                "data": cfg.data.model_copy(update=update),
+                "model": cfg.model.model_copy(update={"seed": seed}),
+            }
+        )
+        with source_run_path(None, f"bench_curation_{kind}{seed}_") as path:
+            run = run_local(c, path, force=True, progress=False)
+            corrupted = pl.read_parquet(run.corrupted)["sample_id"].to_numpy()
+            detectors = all_detectors(run, c)
+            row = {"seed": seed, "detection": {n: detection_metrics(v, corrupted) for n, v in detectors.items()}}
+            if kind == "pairflip" and seed == 0:
+                row["loo_ceiling"] = exact_loo_detection(run, detectors, corrupted, n_loo)
+        per_seed.append(row)
+        print(f"  {kind} seed {seed}: " + ", ".join(f"{n} {m['auroc']:.4f}" for n, m in row["detection"].items()))
+    summary = {}
+    for name in per_seed[0]["detection"]:
+        for metric in ("auroc", "precision_at_k"):
+            x = np.array([r["detection"][name][metric] for r in per_seed])
+            summary.setdefault(name, {}).update(
+                {
+                    f"{metric}_mean": float(x.mean()),
+                    f"{metric}_sd": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
+                }
+            )
+    return {"per_seed": per_seed, "summary": summary}
 
 
 def window_plan(plan, start: int, stop: int):
@@ -231,6 +298,10 @@ def markdown(result: dict, summary: pl.DataFrame) -> str:
         ]
         for name, m in ceil["detection"].items():
             lines.append(f"| {name} | {m['auroc']:.4f} | {m['precision_at_k']:.4f} |")
+    if result.get("detection_by_column"):
+        cols = ", ".join(f"`{c}` {a:.3f}" for c, a in result["detection_by_column"].items())
+        lines += ["", f"AUROC of each value column of `scores/samples.parquet`: {cols}."]
+    lines += noise_kind_markdown(result.get("detection_by_noise") or {})
     lines += [
         "",
         f"Retraining, mean ± sd over {len(result['seeds'])} seeds (clean test set):",
@@ -258,6 +329,35 @@ def markdown(result: dict, summary: pl.DataFrame) -> str:
         )
     assert set(METRICS) <= {c.rsplit("_", 1)[0] for c in summary.columns if c.endswith("_mean")}
     return "\n".join(lines)
+
+
+def noise_kind_markdown(by_noise: dict) -> list[str]:
+    """Detection per noise kind, mean ± sd over the source-run seeds; the pair-flip exact-LOO ceiling."""
+    kinds = {k: v for k, v in by_noise.items() if v}
+    if not kinds:
+        return []
+    n = {len(v["per_seed"]) for v in kinds.values()}
+    lines = [
+        "",
+        f"Detection by noise kind, mean ± sd over {'/'.join(map(str, sorted(n)))} source runs (seed = data "
+        "subset, flipped rows and model init):",
+        "",
+        "| noise | detector | AUROC | precision at k | AUROC per seed |",
+        "|---|---|---:|---:|---|",
+    ]
+    for kind, v in kinds.items():
+        for name, m in v["summary"].items():
+            seeds = ", ".join(f"{r['detection'][name]['auroc']:.3f}" for r in v["per_seed"])
+            lines.append(
+                f"| {kind} | {name} | {m['auroc_mean']:.4f} ± {m['auroc_sd']:.4f} | "
+                f"{m['precision_at_k_mean']:.4f} ± {m['precision_at_k_sd']:.4f} | {seeds} |"
+            )
+    ceil = (kinds.get("pairflip") or {"per_seed": [{}]})["per_seed"][0].get("loo_ceiling")
+    if ceil:
+        lines += ["", f"Pair flips, seed 0, on {ceil['n_samples']} random samples ({ceil['n_flipped']} flipped):", ""]
+        lines += ["| detector (same samples) | AUROC | precision at k = #flipped |", "|---|---:|---:|"]
+        lines += [f"| {name} | {m['auroc']:.4f} | {m['precision_at_k']:.4f} |" for name, m in ceil["detection"].items()]
+    return lines
 
 
 def print_markdown(path: Path, doc_block: str | None = None) -> None:

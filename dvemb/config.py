@@ -27,6 +27,9 @@ class DataConfig(Section):
     block_size: int = Field(64, ge=2, description="tokens per text block (shakespeare)")
     batch_size: int = Field(32, ge=1)
     label_noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped on purpose")
+    label_noise_kind: Literal["uniform", "pairflip"] = Field(
+        "uniform", description="uniform: to a random other class; pairflip: class c to c + 1 (mod C)"
+    )
     seed: int = 0
 
     @model_validator(mode="after")

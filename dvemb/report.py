@@ -92,7 +92,7 @@ def summary_markdown(run: RunDir, timings: dict[str, float]) -> str:
         "",
         "| setting | value |",
         "|---|---|",
-        f"| data | {d['source']} (batch {d['batch_size']}, label noise {d['label_noise']}) |",
+        f"| data | {d['source']} (batch {d['batch_size']}, label noise {d['label_noise']} {d.get('label_noise_kind', 'uniform')}) |",
         f"| model | {model} |",
         f"| training | {t['epochs']} epochs, {t['optimizer']} lr {t['lr']} ({t['schedule']}), wd {t['weight_decay']} |",
         f"| capture | k_a={cap['k_a']}, k_s={cap['k_s']}, {cap['dtype']} |",

@@ -254,6 +254,19 @@ def test_flip_labels_exact() -> None:
     assert len(bids) == 5 and table_labels(b).sum() == 5
 
 
+def test_flip_labels_pairflip() -> None:
+    t = load_source("digits", seed=0)["train"]
+    uni, uids = flip_labels(t, 0.3, seed=3)
+    pair, pids = flip_labels(t, 0.3, seed=3, kind="pairflip")
+    assert np.array_equal(uids, pids)  # same rows chosen; only the new class differs
+    y0, y1 = table_labels(t), table_labels(pair)
+    flipped = np.isin(table_ids(t), pids)
+    assert np.array_equal(y1[flipped], (y0[flipped] + 1) % 10) and np.array_equal(y1[~flipped], y0[~flipped])
+    assert not np.array_equal(table_labels(uni), y1)  # uniform spreads over the other classes
+    with pytest.raises(ValueError, match="kind"):
+        flip_labels(t, 0.1, seed=0, kind="symmetric")
+
+
 # ----------------------------------------------------------------------------- DataModule
 
 

@@ -313,9 +313,13 @@ def load_user_table(
 
 
 def flip_labels(
-    table: pa.Table, fraction: float, seed: int, num_classes: int | None = None
+    table: pa.Table, fraction: float, seed: int, num_classes: int | None = None, kind: str = "uniform"
 ) -> tuple[pa.Table, np.ndarray]:
-    """Flip ``round(fraction * N)`` labels, chosen with ``seed``, each to a different random class.
+    """Flip ``round(fraction * N)`` labels, chosen with ``seed``, each to a different class.
+
+    ``kind``: ``uniform`` — a random other class; ``pairflip`` — class c to c + 1 (mod C), the
+    structured "pair flipping" noise of Han et al. 2018 (Co-teaching): annotators who confuse each
+    class with one similar class.
 
     Returns the corrupted table (same row order, other columns untouched) and the sorted
     int64 ``sample_id``s of the flipped rows. ``num_classes`` defaults to ``max(label) + 1``.
@@ -328,9 +332,12 @@ def flip_labels(
         raise ValueError(f"label noise needs at least 2 classes, got {c}")
     if len(labels) and labels.max() >= c:
         raise ValueError(f"label {int(labels.max())} is out of range for num_classes={c}")
+    if kind not in ("uniform", "pairflip"):
+        raise ValueError(f"label-noise kind must be 'uniform' or 'pairflip', got {kind!r}")
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(labels), size=round(fraction * len(labels)), replace=False))
-    labels[rows] = (labels[rows] + rng.integers(1, c, size=len(rows))) % c
+    shift = rng.integers(1, c, size=len(rows)) if kind == "uniform" else 1
+    labels[rows] = (labels[rows] + shift) % c
     i = table.column_names.index("label")
     out = table.set_column(i, "label", pa.array(labels, type=pa.int64()))
     return out, np.sort(table_ids(table)[rows])

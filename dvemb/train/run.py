@@ -40,7 +40,7 @@ def prepare_data(cfg: RunConfig, run: RunDir) -> dict[str, pa.Table]:
         if split in tables and d.eval_subset:
             tables[split] = TableDataModule(tables[split], subset=d.eval_subset, seed=d.seed).tables["train"]
     if d.label_noise > 0:
-        tables["train"], ids = flip_labels(tables["train"], d.label_noise, seed=d.seed)
+        tables["train"], ids = flip_labels(tables["train"], d.label_noise, seed=d.seed, kind=d.label_noise_kind)
         write_parquet_atomic(corrupted_table(ids), run.corrupted)
     write_splits({k: v for k, v in tables.items() if v.num_rows}, run.root / "data")
     return tables
