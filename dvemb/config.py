@@ -119,6 +119,9 @@ class CurateConfig(Section):
         None, gt=0, le=1, description="at most this fraction of the steps select (phases shrink toward their ends)"
     )
     pool_factor: int = Field(4, ge=1, description="candidate pool = pool_factor x batch size")
+    select_stratify: bool = Field(
+        False, description="classification: the selected batch keeps each label's share of the pool"
+    )
     select_value: str = Field("value", description="prior value column used by select=prior and reorder")
     val_every: int = Field(1, ge=1, description="online: refresh the validation gradient every n selection steps")
     val_samples: int = Field(512, ge=1, description="online: validation rows in the validation gradient")

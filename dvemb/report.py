@@ -85,6 +85,7 @@ def summary_markdown(run: RunDir, timings: dict[str, float]) -> str:
     plan = json.loads(run.plan.read_text()) if run.plan.exists() else {}
     d, m, t, cap = c["data"], c["model"], c["train"], c["capture"]
     model = f"{m['kind']} hidden={m['hidden']} {m['activation']}" if m["kind"] == "mlp" else f"gpt {m['n_layer']}L"
+    noise_kind = d.get("label_noise_kind", "uniform")  # runs recorded before the option existed
     lines = [
         f"# dvemb run `{c['name']}`",
         "",
@@ -92,7 +93,7 @@ def summary_markdown(run: RunDir, timings: dict[str, float]) -> str:
         "",
         "| setting | value |",
         "|---|---|",
-        f"| data | {d['source']} (batch {d['batch_size']}, label noise {d['label_noise']} {d.get('label_noise_kind', 'uniform')}) |",
+        f"| data | {d['source']} (batch {d['batch_size']}, label noise {d['label_noise']} {noise_kind}) |",
         f"| model | {model} |",
         f"| training | {t['epochs']} epochs, {t['optimizer']} lr {t['lr']} ({t['schedule']}), wd {t['weight_decay']} |",
         f"| capture | k_a={cap['k_a']}, k_s={cap['k_s']}, {cap['dtype']} |",

@@ -13,7 +13,7 @@ from dvemb.curate.plan import SelectionPlan, Window, plan_windows
 from dvemb.curate.run import build_plan, curated_table
 from dvemb.curate.values import Phases, detect_phases, phases_for, step_curve, value_table
 from dvemb.data.datamodule import PlannedBatchSampler
-from dvemb.data.selection import PlanSampler, selection_table
+from dvemb.data.selection import PlanSampler, selection_table, top_k
 
 
 def occ_table(rows, checkpoint=None):
@@ -141,7 +141,8 @@ def test_plan_windows_follow_the_phases():
     assert plan_windows(empty, "early", "online", ["early", "late"]) == []
     plan = build_plan(ph, CurateConfig(select="online"), n_train=50, n_kept=40, source_run="r")
     back = SelectionPlan.model_validate_json(json.dumps(plan.model_dump(mode="json")))
-    assert back == plan and back.n_dropped == 10 and back.uses == {"online"}
+    assert back == plan and back.n_dropped == 10 and back.uses == {"online"} and not back.stratify
+    assert build_plan(ph, CurateConfig(select="online", select_stratify=True), 50, 40).stratify
     with pytest.raises(ValueError, match="overlap"):
         SelectionPlan(
             source_total_steps=10,
@@ -221,6 +222,44 @@ def test_sampler_pool_larger_than_the_data_and_missing_prior():
         PlanSampler(5, 2, plan, epochs=1)
 
 
+def test_top_k_ties_and_label_quotas():
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0, 9.0, 8.0])
+    ids = np.array([10, 11, 12, 13, 14, 15, 16, 17])
+    assert top_k(scores, ids, 4).tolist() == [6, 7, 0, 1]
+    # ties: lower id first, whatever the position
+    assert top_k(np.zeros(4), np.array([3, 1, 2, 0]), 2).tolist() == [3, 1]
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])  # 6 : 2 -> quotas 3 : 1 of k = 4
+    assert top_k(scores, ids, 4, labels).tolist() == [6, 0, 1, 2]
+    # equal remainders (k = 3 of 4 : 4): the smaller label gets the extra place
+    half = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    assert top_k(scores, ids, 3, half).tolist() == [6, 0, 1]
+    # every label keeps its share even when its scores are all below the others'
+    low = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    assert np.bincount(low[top_k(scores, ids, 4, low)]).tolist() == [2, 2]
+    # k = pool: everything, in rank order; k = 0: nothing
+    assert sorted(top_k(scores, ids, 8, labels).tolist()) == list(range(8))
+    assert top_k(scores, ids, 0, labels).tolist() == []
+
+
+def test_stratified_prior_selection_keeps_the_label_mix():
+    n, b = 40, 8
+    labels = np.repeat([0, 1], n // 2)
+    prior = np.where(labels == 1, 10.0, 0.0) + np.arange(n) * 1e-3  # class 1 always more valuable
+    plan = SelectionPlan(source_total_steps=5, pool_factor=4, windows=[Window(start=0, stop=5, mode="prior")])
+    plain = PlanSampler(n, b, plan, epochs=1, seed=2, prior=prior, labels=labels)
+    strat = PlanSampler(n, b, plan.model_copy(update={"stratify": True}), epochs=1, seed=2, prior=prior, labels=labels)
+    for p, q in zip(plain.plan(0), strat.plan(0), strict=True):
+        assert np.array_equal(p.pool, q.pool)
+        assert set(labels[p.rows].tolist()) == {1}  # unstratified: one class only
+        pool_share = np.bincount(labels[q.pool], minlength=2) * len(q.rows) / len(q.pool)
+        assert np.all(np.abs(np.bincount(labels[q.rows], minlength=2) - pool_share) < 1)
+        for c in (0, 1):  # within a label, still the best
+            kept, pool = prior[q.rows][labels[q.rows] == c], prior[q.pool][labels[q.pool] == c]
+            assert np.array_equal(np.sort(kept), np.sort(pool)[len(pool) - len(kept) :])
+    with pytest.raises(ValueError, match="class labels"):
+        PlanSampler(n, b, plan.model_copy(update={"stratify": True}), epochs=1, prior=prior)
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -284,6 +323,13 @@ def test_online_selection_retrain_is_deterministic_and_recorded(tiny_run, tmp_pa
     for step in (0, 9):
         g = online.filter(pl.col("step") == step)
         assert g.filter(pl.col("selected"))["score"].min() >= g.filter(~pl.col("selected"))["score"].max()
+    # stratified: each kept batch has the pool's label mix (within one place per label)
+    strat = plan.model_copy(update={"stratify": True})
+    fit_variant(tiny_run, cfg, Variant("strat", tiny_run.data("train"), strat), seed=0, out=tmp_path / "s")
+    rs = pl.read_parquet(tmp_path / "s" / "trajectory" / "selection.parquet").filter(pl.col("mode") == "online")
+    labels = pl.read_parquet(tiny_run.data("train"), columns=["sample_id", "label"])
+    mix = rs.join(labels, on="sample_id").group_by("step", "label").agg(pl.len(), pl.col("selected").sum())
+    assert (mix["selected"] - mix["len"] * 8 / 16).abs().max() < 1
     base = fit_variant(tiny_run, cfg, Variant("base", tiny_run.data("train")), seed=0)
     summary = write_comparison([a, base], tmp_path / "cmp")
     assert summary["variant"].to_list() == ["sel", "base"]

@@ -74,6 +74,8 @@ def test_online_selection_on_token_batches_is_deterministic_and_recorded(text_ru
     )
     assert u["selection_steps"] == 0 and "held_loss" in u and "val_loss" not in u
     assert u["held_loss"] != a["val_loss"]
+    with pytest.raises(ValueError, match="one class label per sample"):
+        fit_variant(text_run, CFG, Variant("s", text_run.data("train"), plan.model_copy(update={"stratify": True})), 0)
 
 
 def test_chunked_validation_gradient_and_text_evaluation(text_run):

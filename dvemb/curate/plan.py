@@ -8,6 +8,10 @@ the mode says how the step's batch is formed:
 * ``online``   — same pool, keep the B whose projected gradient aligns best with the validation gradient
   at the current parameters (computed during the next run with the GradientCapture hooks).
 
+With ``stratify`` the B kept rows keep each label's share of the pool (classification), so selection
+cannot shift the label distribution: values differ systematically between classes, and an unstratified
+top-B over-samples the classes with the highest values.
+
 Windows are in steps of the *source* run; with ``rescale`` (default) the sampler maps them
 proportionally onto the next run's length (the curated table is usually smaller), and clips them
 to it either way.
@@ -57,6 +61,7 @@ class SelectionPlan(BaseModel):
     order: str = "value descending"
     windows: list[Window] = Field(default_factory=list)
     pool_factor: int = Field(4, ge=1)
+    stratify: bool = False
     value_column: str = "prior_value"
     val_every: int = Field(1, ge=1)
     val_samples: int = Field(512, ge=1)

@@ -113,6 +113,7 @@ def fit_variant(
             c.layers,
             variant.plan.val_every,
             val_chunk=TEXT_EVAL_BATCH if vb["x"].dim() > 1 and not vb["x"].is_floating_point() else None,
+            stratify=variant.plan.stratify,
         )
     trainer = L.Trainer(
         max_epochs=cfg.train.epochs,

@@ -50,6 +50,7 @@ def build_plan(
         order=f"{policy.select_value} descending",
         windows=plan_windows(phases, policy.reorder, policy.select, list(policy.select_phases), policy.select_budget),
         pool_factor=policy.pool_factor,
+        stratify=policy.select_stratify,
         val_every=policy.val_every,
         val_samples=policy.val_samples,
     )

@@ -59,7 +59,8 @@ class PlanSampler(Sampler):
     ``epochs * ceil(n / B)`` steps). ``prior`` [n] (row-aligned) is needed by ordered / prior
     steps; ``sample_ids`` [n] names rows in the record. A uniform step at position i of epoch e
     takes ``permutation_e[iB:(i+1)B]``, as PlannedBatchSampler does; a selection step draws its
-    pool of ``pool_factor * B`` rows (at most n) without replacement from all rows.
+    pool of ``pool_factor * B`` rows (at most n) without replacement from all rows. ``labels`` [n]
+    (row-aligned class labels) are needed by a plan with ``stratify`` and prior steps.
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class PlanSampler(Sampler):
         seed: int = 0,
         prior: np.ndarray | None = None,
         sample_ids: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
     ) -> None:
         if n < 1:
             raise ValueError("the selection sampler needs at least one training row")
@@ -87,6 +89,9 @@ class PlanSampler(Sampler):
         if needs_prior and prior is None:
             raise ValueError(f"plan modes {sorted(needs_prior)} need prior values (curated table column 'prior_value')")
         self.prior = None if prior is None else np.asarray(prior, dtype=np.float64)
+        if self.plan_.stratify and "prior" in self.plan_.uses and labels is None:
+            raise ValueError("a stratified plan with prior selection needs class labels (training column 'label')")
+        self.labels = None if labels is None or not self.plan_.stratify else np.asarray(labels)
         if self.prior is not None:
             self.queue = np.lexsort((self.sample_ids, -self.prior))  # most valuable first, ties by id
             ordered = self.modes == MODES.index("ordered")
@@ -118,7 +123,8 @@ class PlanSampler(Sampler):
                 pool = rng.choice(self.n, size=min(self.n, self.plan_.pool_factor * size), replace=False)
                 if mode == "prior":
                     scores = self.prior[pool]
-                    keep = np.lexsort((self.sample_ids[pool], -scores))[:size]
+                    labels = None if self.labels is None else self.labels[pool]
+                    keep = top_k(scores, self.sample_ids[pool], size, labels)
                     out.append(StepPlan(step, epoch, mode, pool[keep], pool, scores, size))
                 else:
                     out.append(StepPlan(step, epoch, mode, None, pool, None, size))
@@ -152,6 +158,29 @@ class PlanSampler(Sampler):
                     ids, scores, sel = p.rows, np.full(len(p.rows), np.nan), np.ones(len(p.rows), bool)
                 frames.append(_record(p.step, p.epoch, p.mode, self.sample_ids[ids], scores, sel))
         return _concat(frames)
+
+
+def top_k(scores: np.ndarray, ids: np.ndarray, k: int, labels: np.ndarray | None = None) -> np.ndarray:
+    """Positions of the ``k`` highest ``scores`` (ties: lower id first), sorted by rank.
+
+    With ``labels`` [n], each label keeps its share of the n candidates: label l gets
+    ``floor(k * n_l / n)`` places plus one for the largest remainders (ties: smaller label), filled by
+    score within the label.
+    """
+    rank = np.lexsort((ids, -scores))
+    if labels is None:
+        return rank[:k]
+    classes, counts = np.unique(labels, return_counts=True)
+    share = k * counts / len(labels)
+    quota = np.floor(share).astype(int)
+    quota[np.lexsort((classes, -(share - quota)))[: k - quota.sum()]] += 1
+    take = dict(zip(classes.tolist(), quota.tolist(), strict=True))
+    keep = []
+    for i in rank:
+        if take[labels[i].item()] > 0:
+            take[labels[i].item()] -= 1
+            keep.append(i)
+    return np.array(keep, dtype=np.int64)
 
 
 def _record(step: int, epoch: int, mode: str, ids, scores, selected) -> pl.DataFrame:
@@ -215,6 +244,7 @@ class SelectionDataModule(TableDataModule):
         prior = None
         if prior_column in table.column_names:
             prior = table.column(prior_column).to_numpy().astype(np.float64)
+        labels = table.column("label").to_numpy() if "label" in table.column_names else None
         self.plan = plan
         self.train_sampler = PlanSampler(
             len(self.datasets["train"]),
@@ -224,6 +254,7 @@ class SelectionDataModule(TableDataModule):
             self.seed,
             prior=prior,
             sample_ids=self.sample_ids("train"),
+            labels=labels,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -237,7 +268,8 @@ class SelectionDataModule(TableDataModule):
 
 
 class OnlineSelector:
-    """Scores a candidate pool by <P grad l_z, P grad l_val(theta_t)> and keeps the top k (ties: lower sample_id)."""
+    """Scores a candidate pool by <P grad l_z, P grad l_val(theta_t)> and keeps the top k (ties: lower sample_id);
+    with ``stratify`` each label keeps its share of the pool (:func:`top_k`)."""
 
     def __init__(
         self,
@@ -248,8 +280,10 @@ class OnlineSelector:
         layers: str | list[str] | None = None,
         val_every: int = 1,
         val_chunk: int | None = None,
+        stratify: bool = False,
     ) -> None:
         self.model, self.val_x, self.val_y, self.val_every = model, val_x, val_y, val_every
+        self.stratify = stratify
         self.val_chunk = val_chunk  # rows per forward/backward of the validation gradient (None: all at once)
         self.capture = GradientCapture(model, projection, layers)
         self._weights = [m.weight for m in self.capture.tracked.values()]
@@ -288,7 +322,12 @@ class OnlineSelector:
         with torch.enable_grad():
             s = self.scores(batch["x"], batch["y"]).cpu().numpy()
         ids = batch["sample_id"].cpu().numpy()
-        keep = np.lexsort((ids, -s))[:k]
+        labels = None
+        if self.stratify:
+            if batch["y"].dim() != 1:
+                raise ValueError("stratified selection needs one class label per sample (not token targets)")
+            labels = batch["y"].cpu().numpy()
+        keep = top_k(s, ids, k, labels)
         sel = np.zeros(len(ids), dtype=bool)
         sel[keep] = True
         self.rows.append(_record(step, epoch, "online", ids, s, sel))
@@ -333,4 +372,5 @@ __all__ = [
     "SelectionDataModule",
     "StepPlan",
     "selection_table",
+    "top_k",
 ]
