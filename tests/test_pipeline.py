@@ -1,6 +1,7 @@
 """The pipeline through the CLI (local engine): segment/mode invariance, run-directory safety, bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -15,6 +16,7 @@ from dvemb.store.rundir import RunDir
 from dvemb.train.module import Trainee
 from dvemb.train.run import train
 
+ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 FAST = ["--set", "train.epochs=2", "--set", "data.subset=600"]
 
@@ -129,3 +131,9 @@ def test_interrupted_training_keeps_finished_segments_and_names_what_is_missing(
         run.require("train")
     res = cli("status", str(run.root))
     assert "incomplete" in res.output
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.train.epochs >= 1
