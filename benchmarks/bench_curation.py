@@ -11,11 +11,13 @@
    and pair flips (class c -> c + 1, Han et al. 2018), with the exact-LOO ceiling of the pair-flip run.
 3. Retraining, ``--seeds`` seeds each (model init + batch order), evaluated on the clean test set:
    full data; random removal of as many rows as the DVEmb filter removes; the DVEmb filter;
-   phase-aware online selection (early + late phases only); online selection at every step; and, beyond
-   the issue's list, phase-aware selection by prior value and the DVEmb filter combined with
-   phase-aware online selection (what configs/mnist_noisy.yaml's curate section plans).
+   phase-aware online selection (early + late phases, within the config's select_budget); online
+   selection at every step; the same two by prior value; the DVEmb filter combined with phase-aware
+   online selection (what configs/mnist_noisy.yaml's curate section plans); the detected phases without
+   the budget; online selection in fixed windows (first / middle / last third, last sixth, last half).
+   Selection is stratified by label as the config says (curate.select_stratify).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_curation            # ~4 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_curation            # ~8 min on 2 CPU cores
     python -m benchmarks.bench_curation --quick                       # smoke run
     python -m benchmarks.bench_curation --detect-only --loo-samples 0 --set train.epochs=20   # one setting
 
@@ -103,10 +105,8 @@ def benchmark(args: argparse.Namespace, cfg: RunConfig, seeds: list[int], out: P
     if args.detect_only:  # printed, never recorded
         return
     t = time.perf_counter()
-    by_noise = {
-        kind: detection_over_seeds(cfg, kind, min(args.noise_seeds, 1 if args.quick else args.noise_seeds), n_loo)
-        for kind in ("uniform", "pairflip")
-    }
+    n_noise = min(args.noise_seeds, 1) if args.quick else args.noise_seeds
+    by_noise = {kind: detection_over_seeds(cfg, kind, n_noise, n_loo) for kind in ("uniform", "pairflip")}
     noise_s = time.perf_counter() - t
 
     # 3. retraining variants
