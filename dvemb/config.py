@@ -130,6 +130,10 @@ class CurateConfig(Section):
 class RunConfig(Section):
     name: str = "run"
     seed: int = 0
+    task: str = Field(
+        "mlp", description="what is trained: a built-in task (mlp, gpt) or a user task 'package.module:Name'"
+    )
+    task_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the task class")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
