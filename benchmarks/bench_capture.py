@@ -38,10 +38,11 @@ from rich.table import Table
 from torch import nn
 
 from benchmarks.common import bench_args, machine_info, make_sync, write_json_atomic
-from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
+from dvemb.capture.hooks import GradientCapture, loss_weight
 from dvemb.models.gpt import GPT, GPTConfig
 from dvemb.models.loss import per_sample_cross_entropy
 from dvemb.models.mlp import MLP, MLPConfig
+from dvemb.types import ProjectionConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROJECTION = ProjectionConfig(k_a=32, k_s=32)

@@ -30,10 +30,10 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.common import bench_args, machine_info, make_sync, timed, write_json_atomic
-from dvemb.capture.hooks import StepGrads
 from dvemb.embed.direct import direct_scores
-from dvemb.embed.segments import Schedule, compose, embed_steps
+from dvemb.embed.segments import compose, embed_steps
 from dvemb.score.scores import segment_scores
+from dvemb.types import Schedule, StepGrads
 
 B = 16
 LAYERS = ("layer0", "layer1")

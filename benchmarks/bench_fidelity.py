@@ -37,11 +37,10 @@ from pathlib import Path
 
 import torch
 
-from dvemb.capture.hooks import GradientCapture, ProjectionConfig, StepGrads
+from dvemb.capture.hooks import GradientCapture
 from dvemb.data.fetch import load_digits_arrays, load_mnist5k
 from dvemb.embed.curvature import as_curvature, fisher_vectors
 from dvemb.embed.direct import direct_scores
-from dvemb.embed.segments import Schedule
 from dvemb.eval.baselines import grad_dot, influence_function, tracin_cp
 from dvemb.eval.groundtruth import Trajectory, all_epoch_loo, tsloo_points
 from dvemb.eval.metrics import pearson, spearman
@@ -49,6 +48,7 @@ from dvemb.eval.replay import Batch, Params, sgd_step
 from dvemb.models import MLP, MLPConfig
 from dvemb.score.validation import validation_gradients
 from dvemb.store.atomic import atomic_path
+from dvemb.types import ProjectionConfig, Schedule, StepGrads
 
 try:  # run as a module (python -m benchmarks.bench_fidelity) or loaded from a path by the tests
     from benchmarks.common import RESULTS, machine_info, replace_doc_block, write_json_atomic

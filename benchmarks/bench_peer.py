@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.bench_fidelity import REGIMES, B, Experiment, ground_truth, train
 from benchmarks.common import RESULTS, machine_info, replace_doc_block, write_json_atomic
-from dvemb.capture.hooks import GradientCapture, ProjectionConfig
+from dvemb.capture.hooks import GradientCapture
 from dvemb.embed.curvature import as_curvature, fisher_vectors
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.segments import embed_steps
@@ -55,6 +55,7 @@ from dvemb.models import MLP, MLPConfig
 from dvemb.models.loss import per_sample_cross_entropy
 from dvemb.score.scores import dot_scores
 from dvemb.score.validation import validation_gradients
+from dvemb.types import ProjectionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64

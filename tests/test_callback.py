@@ -78,10 +78,10 @@ def test_amp_gradscaler_steps_are_unscaled_and_skipped_steps_recorded(tmp_path):
     from lightning.pytorch.plugins import MixedPrecision
 
     from dvemb.capture.callback import GradientLogger
-    from dvemb.capture.hooks import ProjectionConfig
     from dvemb.models.registry import build_model
     from dvemb.train.module import Trainee
     from dvemb.train.run import make_datamodule, model_shape, prepare_data
+    from dvemb.types import ProjectionConfig
 
     cfg = load_config(
         "configs/digits_mlp.yaml", ["train.epochs=1", "data.subset=192", "capture.k_a=null", "capture.k_s=null"]

@@ -6,9 +6,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
-from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
+from dvemb.capture.hooks import GradientCapture, loss_weight
 from dvemb.errors import CaptureError, NonFiniteGradientError
 from dvemb.models import GPT, MLP, GPTConfig, MLPConfig
+from dvemb.types import ProjectionConfig
 
 
 @pytest.fixture(autouse=True)

@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch.func import functional_call, grad, jacrev
 
-from dvemb.capture.hooks import GradientCapture, ProjectionConfig
+from dvemb.capture.hooks import GradientCapture
 from dvemb.embed.curvature import curvature_path, fisher_vectors
 from dvemb.eval.metrics import spearman
 from dvemb.models import MLP, MLPConfig
 from dvemb.models.loss import per_sample_cross_entropy
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir, load_tensors
+from dvemb.types import ProjectionConfig
 
 F64 = torch.float64
 

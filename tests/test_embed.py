@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from dvemb.capture.hooks import StepGrads
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.propagator import Curvature, Propagator
-from dvemb.embed.segments import Schedule, compose, embed_steps
+from dvemb.embed.segments import compose, embed_steps
 from dvemb.score.scores import dot_scores, segment_scores
+from dvemb.types import Schedule, StepGrads
 
 DIMS = {"a": 8, "b": 8, "c": 5}  # 21 "parameters" per side, far below 200
 T = 13

@@ -6,15 +6,16 @@ Ground truth replays the recorded trajectory from the recorded per-step checkpoi
 
 import torch
 
-from dvemb.capture.hooks import GradientCapture, ProjectionConfig
+from dvemb.capture.hooks import GradientCapture
 from dvemb.data.fetch import load_digits_arrays
-from dvemb.embed.segments import Schedule, compose, embed_steps
+from dvemb.embed.segments import compose, embed_steps
 from dvemb.eval.metrics import pearson, spearman
 from dvemb.eval.replay import Batch, replay, sgd_step, tsloo
 from dvemb.models import MLP, MLPConfig
 from dvemb.score.scores import dot_scores
 from dvemb.score.validation import validation_gradients
 from dvemb.store.gradstore import SegmentWriter, read_segment
+from dvemb.types import ProjectionConfig, Schedule
 
 LR, B, EPOCHS, N_TRAIN, N_VAL = 0.07, 32, 3, 1000, 300
 

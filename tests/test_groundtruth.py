@@ -88,9 +88,8 @@ def test_a_replay_that_misses_a_checkpoint_is_refused(run, tmp_path):
 
 
 def test_baselines_match_dense_formulas():
-    from dvemb.capture.hooks import StepGrads
-    from dvemb.embed.segments import Schedule
     from dvemb.eval.baselines import grad_dot, influence_function, nearest_checkpoint, tracin_cp
+    from dvemb.types import Schedule, StepGrads
 
     gen = torch.Generator().manual_seed(0)
     f64 = torch.float64

@@ -5,7 +5,6 @@ import polars as pl
 import pytest
 import torch
 
-from dvemb.capture.hooks import ProjectionConfig
 from dvemb.config import RunConfig
 from dvemb.curate.plan import SelectionPlan, Window
 from dvemb.curate.retrain import Variant, evaluate, fit_variant
@@ -15,6 +14,7 @@ from dvemb.data.tables import text_table
 from dvemb.models.loss import per_sample_cross_entropy
 from dvemb.models.registry import build_model
 from dvemb.store.rundir import RunDir
+from dvemb.types import ProjectionConfig
 
 VOCAB, BLOCK = 48, 8
 

@@ -6,11 +6,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from dvemb.capture.hooks import GradientCapture, ProjectionConfig, StepGrads
+from dvemb.capture.hooks import GradientCapture
 from dvemb.errors import ProjectionMismatchError, StoreError
 from dvemb.models import MLP, MLPConfig
 from dvemb.score.validation import validation_gradients
 from dvemb.store.gradstore import SegmentWriter, read_projection, read_segment, write_projection
+from dvemb.types import ProjectionConfig, StepGrads
 
 DIMS = {"fc1": 6, "fc2": 4}
 

@@ -20,42 +20,13 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dvemb.capture.projection import DTYPES, LayerProjection, Projector, layer_seed
 from dvemb.errors import CaptureError, NonFiniteGradientError
-
-
-@dataclass(frozen=True)
-class ProjectionConfig:
-    """Projection sizes per layer side; ``k >= d`` (or None) means exact (identity).
-
-    kind: ``kronecker`` (k_s x k_a matrix) or ``elementwise`` (a k_a * k_s tensor sketch; both k needed).
-    """
-
-    k_a: int | None = 32
-    k_s: int | None = 32
-    seed: int = 0
-    dtype: str = "float32"
-    kind: str = "kronecker"
-
-    @classmethod
-    def of(cls, capture) -> ProjectionConfig:
-        """From a run config's ``capture`` section (dvemb.config.CaptureConfig)."""
-        return cls(capture.k_a, capture.k_s, capture.seed, capture.dtype, capture.kind)
-
-
-@dataclass
-class StepGrads:
-    """The per-sample gradient contributions of one optimizer step (rows = occurrences)."""
-
-    step: int
-    sample_ids: torch.Tensor  # [B] int64
-    weights: torch.Tensor  # [B] float64, coefficient of each sample's loss in L_t
-    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> [B, D_layer]
+from dvemb.types import ProjectionConfig, StepGrads
 
 
 def loss_weight(reduction: str, batch_size: int, accumulation: int = 1, loss_scale: float = 1.0) -> float:

@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dvemb.capture.hooks import ProjectionConfig
 from dvemb.config import RunConfig
 from dvemb.curate.plan import SelectionPlan
 from dvemb.curate.run import read_plan
@@ -31,6 +30,7 @@ from dvemb.models.loss import per_sample_cross_entropy
 from dvemb.models.registry import build_model
 from dvemb.store.atomic import atomic_path, write_json
 from dvemb.store.rundir import RunDir
+from dvemb.types import ProjectionConfig
 
 log = logging.getLogger(__name__)
 METRICS = ("test_acc", "test_loss", "val_acc", "val_loss")

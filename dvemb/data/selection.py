@@ -21,12 +21,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dvemb.capture.hooks import GradientCapture, ProjectionConfig
+from dvemb.capture.hooks import GradientCapture
 from dvemb.config import TrainConfig
 from dvemb.curate.plan import MODES, SelectionPlan
 from dvemb.data.datamodule import TableDataModule, TableDataset, TableLike, _identity
 from dvemb.models.loss import per_sample_cross_entropy
 from dvemb.train.module import Trainee
+from dvemb.types import ProjectionConfig
 
 _POOL_SALT = 0x9001
 SELECTION_SCHEMA = {

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from dvemb.capture.hooks import StepGrads
 from dvemb.embed.propagator import Curvature, Vectors
+from dvemb.types import StepGrads
 
 MODEL = "model"
 BLOCKS = ("layer", "model")

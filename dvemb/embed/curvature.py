@@ -27,12 +27,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from dvemb.capture.hooks import GradientCapture, StepGrads
+from dvemb.capture.hooks import GradientCapture
 from dvemb.embed.propagator import Curvature
 from dvemb.embed.segments import CurvatureFn
 from dvemb.errors import CaptureError, StoreError
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir
+from dvemb.types import StepGrads
 
 CURVATURES = ("empirical", "fisher", "fisher_mc")
 MAX_EXACT_CLASSES = 64  # more classes: use fisher_mc rather than C curvature rows per sample

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from dvemb.capture.hooks import StepGrads
 from dvemb.embed.blocks import check_blocks, merge_curvature, merge_layers, merge_step
 from dvemb.embed.propagator import Vectors, empirical_fisher
-from dvemb.embed.segments import CurvatureFn, Schedule
+from dvemb.embed.segments import CurvatureFn
+from dvemb.types import Schedule, StepGrads
 
 
 def direct_scores(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dvemb.capture.hooks import StepGrads
+from dvemb.types import StepGrads
 
 Vectors = dict[str, torch.Tensor]  # layer -> [n, D]
 

@@ -9,27 +9,12 @@ one-segment case.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from dvemb.capture.hooks import StepGrads
 from dvemb.embed.blocks import check_blocks, merge_curvature, merge_step
 from dvemb.embed.propagator import Curvature, Propagator
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Per-step learning rate actually applied and coupled weight decay, indexed by step."""
-
-    lr: Sequence[float]
-    weight_decay: Sequence[float]
-
-    def at(self, step: int) -> tuple[float, float]:
-        if not 0 <= step < len(self.lr):
-            raise IndexError(f"step {step}: the schedule covers steps 0..{len(self.lr) - 1}")
-        return float(self.lr[step]), float(self.weight_decay[step])
-
+from dvemb.types import Schedule, StepGrads
 
 CurvatureFn = Callable[[StepGrads], Curvature]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import torch
 
-from dvemb.capture.hooks import GradientCapture, ProjectionConfig
+from dvemb.capture.hooks import GradientCapture
 from dvemb.config import RunConfig
 from dvemb.curate.run import run_phases
 from dvemb.curate.values import value_table
@@ -20,6 +20,7 @@ from dvemb.store.atomic import atomic_path
 from dvemb.store.gradstore import read_projection, read_segment
 from dvemb.store.rundir import RunDir, load_tensors
 from dvemb.store.trajectory import read_schedule, read_steps
+from dvemb.types import ProjectionConfig
 
 
 def model_at(run: RunDir, cfg: RunConfig, step: int) -> torch.nn.Module:

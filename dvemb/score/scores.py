@@ -11,9 +11,9 @@ from collections.abc import Sequence
 import polars as pl
 import torch
 
-from dvemb.capture.hooks import StepGrads
 from dvemb.embed.blocks import align
 from dvemb.embed.propagator import Propagator, Vectors
+from dvemb.types import StepGrads
 
 
 def dot_scores(records: Sequence[StepGrads], validation: Vectors) -> list[torch.Tensor]:

@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dvemb.capture.hooks import ProjectionConfig, StepGrads
 from dvemb.capture.projection import LayerProjection
 from dvemb.errors import ProjectionMismatchError, StoreError
 from dvemb.store.atomic import temp_path_for, write_json
+from dvemb.types import ProjectionConfig, StepGrads
 
 SCHEMA_VERSION = 1
 ARROW_TYPES = {"float32": pa.float32(), "float64": pa.float64()}

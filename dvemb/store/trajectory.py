@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from dvemb.embed.segments import Schedule
 from dvemb.errors import StoreError
 from dvemb.store.rundir import RunDir
+from dvemb.types import Schedule
 
 
 def read_steps(run: RunDir) -> pl.DataFrame:

@@ -11,13 +11,13 @@ import torch
 
 import dvemb
 from dvemb.capture.callback import GradientLogger
-from dvemb.capture.hooks import ProjectionConfig
 from dvemb.config import RunConfig
 from dvemb.data import TableDataModule, corrupted_table, flip_labels, load_source, load_user_table, write_splits
 from dvemb.models.registry import build_model
 from dvemb.store.atomic import write_parquet_atomic
 from dvemb.store.rundir import RunDir
 from dvemb.train.module import Trainee
+from dvemb.types import ProjectionConfig
 
 log = logging.getLogger(__name__)
 
