@@ -48,6 +48,10 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         return self.root / "checkpoints" / f"step-{step:06d}.safetensors"
 
+    def optimizer_state(self, step: int) -> Path:
+        """Optimizer state at boundary ``step``: keys ``"{parameter}::{state key}"``."""
+        return self.root / "checkpoints" / f"optimizer-{step:06d}.safetensors"
+
     @property
     def projection(self) -> Path:
         return self.root / "grads" / "projection.json"
