@@ -4,6 +4,10 @@ Writes into a :class:`~dvemb.store.rundir.RunDir`: ``grads/seg-XXXX-rank-0.arrow
 segment, each written atomically when the segment ends), ``grads/projection.json``,
 ``checkpoints/step-XXXXXX.safetensors`` at every segment boundary and at the end, and
 ``trajectory/steps.parquet`` / ``batches.parquet``. Each batch must carry ``batch["sample_id"]``.
+The optimizer as trained is recorded too, so the run can be replayed exactly (dvemb.replay): its
+hyper-parameters and param groups in run.json (``optimizer``), every group's LR and weight decay and
+the clip factor per step in steps.parquet, and its state beside every boundary checkpoint
+(``checkpoints/optimizer-XXXXXX.safetensors``, keys ``"{parameter}::{state key}"``).
 With ``curvature`` fisher / fisher_mc it also writes the curvature vectors of every step, formed at
 the pre-update parameters, to ``grads/curv-seg-XXXX-rank-0.arrow`` (see :mod:`dvemb.embed.curvature`).
 The learning rate recorded is the one in the optimizer when it steps (schedules included).
@@ -22,6 +26,7 @@ from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
 from dvemb.embed.curvature import check_curvature, concat_records, curvature_path, fisher_vectors
 from dvemb.store.atomic import atomic_path
 from dvemb.store.gradstore import SegmentWriter, write_projection
+from dvemb.replay.optim import OptimizerSpec, torch_state
 from dvemb.store.rundir import RunDir, save_tensors
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,8 @@ class GradientLogger(L.Callback):
         self._step_rows: list[dict] = []
         self._batch_rows: list[pl.DataFrame] = []
         self._lr_wd = (0.0, 0.0)
+        self._groups: tuple[list[float], list[float]] = ([], [])  # per-group LR, weight decay of the step
+        self._names: dict[int, str] = {}  # id(parameter) -> name in the model's state_dict
         self._scale = 1.0
 
     # --- set-up ---------------------------------------------------------------------------
@@ -79,7 +86,18 @@ class GradientLogger(L.Callback):
         if self.fisher_samples is None:
             self.fisher_samples = int(embed_cfg.get("fisher_samples", 1))
         check_curvature(self.curvature)
-        self.run.update_meta(boundaries=self.boundaries, total_steps=total, status="training")
+        self._names = {id(p): n for n, p in pl_module.model.named_parameters()}
+        clip = getattr(getattr(pl_module, "cfg", None), "grad_clip", None)
+        spec = OptimizerSpec.from_torch(trainer.optimizers[0], self._names, grad_clip=clip)
+        self.run.update_meta(
+            boundaries=self.boundaries, total_steps=total, status="training", optimizer=spec.to_json()
+        )
+
+    def _save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        """Model state_dict and optimizer state at boundary ``step`` (both safetensors, atomic)."""
+        save_tensors(self.run.checkpoint(step), pl_module.model.state_dict())
+        state = torch_state(trainer.optimizers[0], self._names)
+        save_tensors(self.run.optimizer_state(step), {k: v.to(torch.float64) for k, v in state.items()})
 
     def _scaler(self, trainer: L.Trainer):
         return getattr(trainer.precision_plugin, "scaler", None)
@@ -92,7 +110,7 @@ class GradientLogger(L.Callback):
         step = trainer.global_step
         if self._writer is None:  # first micro-batch of a segment
             if step in self.boundaries:
-                save_tensors(self.run.checkpoint(step), pl_module.model.state_dict())
+                self._save_checkpoint(trainer, pl_module, step)
             j = self._segment_of(step)
             dims = {n: s.dim for n, s in self.capture.specs.items()}
             self._writer = SegmentWriter(self.run.grads(j), dims, dtype=self.projection.dtype)
@@ -113,6 +131,8 @@ class GradientLogger(L.Callback):
         group = optimizer.param_groups[0]
         wd = group.get("weight_decay", 0.0) if isinstance(optimizer, torch.optim.SGD) else 0.0
         self._lr_wd = (float(group["lr"]), float(wd))
+        groups = optimizer.param_groups
+        self._groups = ([float(g["lr"]) for g in groups], [float(g.get("weight_decay", 0.0)) for g in groups])
         if self.curvature != "empirical":  # theta_t: the parameters have not been updated yet
             step = trainer.global_step
             gen = torch.Generator().manual_seed(self.projection.seed * 1_000_003 + step)
@@ -175,6 +195,9 @@ class GradientLogger(L.Callback):
                 "weight_decay": wd,
                 "batch_size": len(ids),
                 "loss": float(loss.detach()) if loss is not None else float("nan"),
+                "clip_factor": clip,
+                "group_lr": self._groups[0],
+                "group_weight_decay": self._groups[1],
             }
         )
         self._batch_rows.append(
@@ -193,7 +216,7 @@ class GradientLogger(L.Callback):
             if self._curv_writer is not None:
                 self._curv_writer.close()
                 self._curv_writer = None
-            save_tensors(self.run.checkpoint(step + 1), pl_module.model.state_dict())
+            self._save_checkpoint(trainer, pl_module, step + 1)
 
     def _write_curvature(self, step: int, skipped: bool) -> None:
         rec, inputs = self._curv_rec, self._curv_inputs
