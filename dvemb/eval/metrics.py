@@ -1,25 +1,24 @@
-"""Rank and linear agreement between estimated and true influence."""
+"""Rank and linear agreement between estimated and true influence (scipy.stats), in float64."""
 
+from __future__ import annotations
+
+import numpy as np
 import torch
+from scipy import stats
 
 
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share the mean rank), 0-based, float64."""
-    x = x.to(torch.float64).flatten()
-    order = torch.argsort(x, stable=True)
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=torch.float64)
-    uniq, inv = torch.unique(x, return_inverse=True)
-    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, ranks)
-    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, torch.ones_like(ranks))
-    return (sums / counts)[inv]
+def _flat64(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Any tensor or array as a flat float64 numpy array."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().to(torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64).ravel()
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.to(torch.float64).flatten(), b.to(torch.float64).flatten()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
+def pearson(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """Pearson correlation of the flattened inputs (same number of elements)."""
+    return float(stats.pearsonr(_flat64(a), _flat64(b)).statistic)
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    return pearson(_ranks(a), _ranks(b))
+def spearman(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """Spearman rank correlation of the flattened inputs (ties share their mean rank)."""
+    return float(stats.spearmanr(_flat64(a), _flat64(b)).statistic)
