@@ -9,10 +9,16 @@ files records every layer's projection. Reads are zero-copy views of the mapped 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
+import threading
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -44,11 +50,37 @@ def segment_schema(layer_dims: dict[str, int], dtype: str, kind: str) -> pa.Sche
     return pa.schema(fields, metadata=meta)
 
 
+@dataclass
+class _HostRows:
+    """One step's rows in host memory, as handed to the writer (layers in the schema's order)."""
+
+    step: int
+    sample_ids: torch.Tensor  # [B] int64, CPU
+    weights: torch.Tensor  # [B] float64, CPU
+    layers: list[torch.Tensor]  # [B, D] in the store dtype, CPU (pinned when copied from CUDA)
+    ready: list[torch.cuda.Event]  # recorded after the device-to-host copies; empty = ready now
+
+
+def _open_os_file(path: Path) -> pa.NativeFile:
+    return pa.OSFile(str(path), "wb")
+
+
 class SegmentWriter:
     """Streams steps into ``path`` (a hidden temp file until :meth:`close` renames it).
 
     Use as a context manager; if the block raises, nothing appears under ``path``.
+
+    asynchronous: None = on for the kinds written while training (``grads``, ``curvature``). Then
+    :meth:`write` validates the rows, copies them to host memory (from CUDA: into pinned memory,
+    ``non_blocking``) and returns; one background thread writes the steps in order. At most
+    ``queue_steps`` steps wait in memory; a write beyond that blocks until the thread catches up.
+    An error in the thread is raised (as :class:`StoreError`, naming the file and step) by the next
+    :meth:`write` or by :meth:`close`, and the temp file is removed. The file's bytes are the same
+    either way. opener: opens the temp file for writing (default ``pa.OSFile``), e.g. a throttled
+    file in a benchmark.
     """
+
+    ASYNC_KINDS = ("grads", "curvature")
 
     def __init__(
         self,
@@ -56,15 +88,41 @@ class SegmentWriter:
         layer_dims: dict[str, int],
         dtype: str = "float32",
         kind: str = "grads",
+        *,
+        asynchronous: bool | None = None,
+        queue_steps: int = 16,
+        opener: Callable[[Path], pa.NativeFile | BinaryIO] | None = None,
     ):
+        if queue_steps < 1:
+            raise ValueError(f"queue_steps must be >= 1, got {queue_steps}")
         self.path = Path(path)
         self.layer_dims = dict(layer_dims)
         self.dtype = dtype
+        self._torch_dtype = TORCH_DTYPES[dtype]
         self.schema = segment_schema(self.layer_dims, dtype, kind)
+        self.asynchronous = kind in self.ASYNC_KINDS if asynchronous is None else asynchronous
         self._tmp = temp_path_for(self.path)
-        self._writer = pa.ipc.new_file(str(self._tmp), self.schema)
+        self._sink = None
+        try:
+            self._sink = (opener or _open_os_file)(self._tmp)
+            self._writer = pa.ipc.new_file(self._sink, self.schema)
+        except BaseException:
+            if self._sink is not None:
+                self._sink.close()
+            self._tmp.unlink(missing_ok=True)
+            raise
         self._last_step: int | None = None
+        self._done = False  # closed, aborted or discarded: no more writes
+        self._failure: tuple[int, BaseException] | None = None  # (step, error) from the writer thread
+        self._aborting = False
+        self._queue: queue.Queue[_HostRows | None] | None = None
+        self._thread: threading.Thread | None = None
+        if self.asynchronous:
+            self._queue = queue.Queue(maxsize=queue_steps)
+            self._thread = threading.Thread(target=self._drain, name=f"dvemb-store {self.path.name}", daemon=True)
+            self._thread.start()
 
+    # --- writing --------------------------------------------------------------------------
     def write(
         self,
         step: int,
@@ -73,6 +131,9 @@ class SegmentWriter:
         layers: dict[str, torch.Tensor],
     ) -> None:
         """Append the rows of one step. layers: name -> [B, D] (cast to the store dtype)."""
+        self._raise_failure()
+        if self._done:
+            raise StoreError(f"{self.path.name}: step {step} written after the writer was closed")
         if self._last_step is not None and step <= self._last_step:
             raise StoreError(f"{self.path.name}: step {step} written after step {self._last_step}; steps must ascend")
         if set(layers) != set(self.layer_dims):
@@ -80,18 +141,17 @@ class SegmentWriter:
                 f"{self.path.name}: step {step} has layers {sorted(layers)}, expected {sorted(self.layer_dims)}"
             )
         n = len(sample_ids)
-        np_dtype = np.float32 if self.dtype == "float32" else np.float64
-        cols = [
-            pa.array(np.full(n, step, dtype=np.int64)),
-            pa.array(sample_ids.cpu().numpy().astype(np.int64)),
-            pa.array(weights.cpu().numpy().astype(np.float64)),
-        ]
+        if len(weights) != n:
+            raise StoreError(f"{self.path.name}: step {step}: {len(weights)} weights for {n} sample ids")
         for name, d in self.layer_dims.items():
-            g = layers[name].detach().cpu().numpy().astype(np_dtype, copy=False)
-            if g.shape != (n, d):
-                raise StoreError(f"{self.path.name}: step {step}, layer {name!r}: shape {g.shape}, expected {(n, d)}")
-            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(g.reshape(-1)), d))
-        self._writer.write_batch(pa.record_batch(cols, schema=self.schema))
+            shape = tuple(layers[name].shape)
+            if shape != (n, d):
+                raise StoreError(f"{self.path.name}: step {step}, layer {name!r}: shape {shape}, expected {(n, d)}")
+        rows = self._host_rows(step, sample_ids, weights, [layers[name] for name in self.layer_dims])
+        if self._queue is None:
+            self._writer.write_batch(self._batch(rows))
+        else:
+            self._queue.put(rows)
         self._last_step = step
 
     def write_step(self, record: StepGrads) -> None:
@@ -101,15 +161,106 @@ class SegmentWriter:
         for r in records:
             self.write_step(r)
 
+    def _host_rows(
+        self, step: int, sample_ids: torch.Tensor, weights: torch.Tensor, layers: list[torch.Tensor]
+    ) -> _HostRows:
+        """The rows in host memory in the store's dtypes; copies (never views) when asynchronous."""
+        ready: dict[torch.device, torch.cuda.Event] = {}
+
+        def host(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            t = t.detach()
+            if not self.asynchronous:
+                return t.to("cpu", dtype)
+            if t.is_cuda:  # pinned host buffer, copy queued on the current stream; the thread waits for it
+                out = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+                out.copy_(t.to(dtype), non_blocking=True)
+                if t.device not in ready:
+                    ready[t.device] = torch.cuda.Event()
+                return out
+            return t.to("cpu", dtype, copy=True)
+
+        ids, w = host(torch.as_tensor(sample_ids), torch.int64), host(torch.as_tensor(weights), torch.float64)
+        out = [host(g, self._torch_dtype) for g in layers]
+        for dev, event in ready.items():
+            event.record(torch.cuda.current_stream(dev))
+        return _HostRows(step, ids, w, out, list(ready.values()))
+
+    def _batch(self, rows: _HostRows) -> pa.RecordBatch:
+        n = len(rows.sample_ids)
+        cols = [
+            pa.array(np.full(n, rows.step, dtype=np.int64)),
+            pa.array(rows.sample_ids.numpy()),
+            pa.array(rows.weights.numpy()),
+        ]
+        for g, d in zip(rows.layers, self.layer_dims.values()):
+            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(g.numpy().reshape(-1)), d))
+        return pa.record_batch(cols, schema=self.schema)
+
+    def _drain(self) -> None:
+        """The writer thread: write queued steps in order until the ``None`` sentinel."""
+        while (rows := self._queue.get()) is not None:
+            if self._failure is not None or self._aborting:
+                continue  # keep draining so that a blocked write() returns; nothing more is written
+            try:
+                for event in rows.ready:
+                    event.synchronize()
+                self._writer.write_batch(self._batch(rows))
+            except BaseException as e:  # surfaced by the next write() or close()
+                self._failure = (rows.step, e)
+
+    # --- finishing ------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Steps handed to the writer thread and not yet written (0 when synchronous)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _raise_failure(self) -> None:
+        if self._failure is None:
+            return
+        self._discard()
+        step, e = self._failure
+        raise StoreError(
+            f"{self.path}: writing step {step} failed in the background writer ({type(e).__name__}: {e}); "
+            "the segment file was not written"
+        ) from e
+
+    def _discard(self) -> None:
+        """Stop the thread, close and delete the temp file (errors while closing are moot)."""
+        self._aborting = True
+        self._stop_thread()
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            with contextlib.suppress(Exception):
+                self._sink.close()
+        self._tmp.unlink(missing_ok=True)
+
     def close(self) -> None:
-        """Finish the file and move it into place."""
-        self._writer.close()
+        """Write what is queued, finish the file and move it into place."""
+        if self._done:
+            self._raise_failure()
+            raise StoreError(f"{self.path.name}: close() after the writer was closed or aborted")
+        self._stop_thread()
+        self._raise_failure()
+        try:
+            self._writer.close()
+            self._sink.close()
+        except BaseException:
+            self._discard()
+            raise
+        self._done = True
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        """Drop the temporary file; nothing appears under the final name."""
-        self._writer.close()
-        self._tmp.unlink(missing_ok=True)
+        """Drop the temporary file (queued steps are not written); nothing appears under the final name."""
+        self._discard()
 
     def __enter__(self) -> SegmentWriter:
         return self
