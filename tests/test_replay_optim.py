@@ -51,7 +51,9 @@ def test_step_map_equals_torch_optim(case, clip):
         q = {n: v.detach().requires_grad_(True) for n, v in params.items()}
         loss = nn.functional.cross_entropy(torch.func.functional_call(model, q, (x,)), y)
         g = dict(zip(q, torch.autograd.grad(loss, list(q.values()))))
-        hyper = StepHyper(tuple(gr["lr"] for gr in opt.param_groups), tuple(gr["weight_decay"] for gr in opt.param_groups))
+        hyper = StepHyper(
+            tuple(gr["lr"] for gr in opt.param_groups), tuple(gr["weight_decay"] for gr in opt.param_groups)
+        )
         params, state = optimizer_step(spec, params, state, g, hyper)
         _grads(model, x, y, clip)
         opt.step()
@@ -77,5 +79,7 @@ def test_unsupported_options_are_named():
 def test_spec_round_trips_through_json():
     model = _model()
     names = {id(p): n for n, p in model.named_parameters()}
-    spec = OptimizerSpec.from_torch(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), names, 1.0)
+    spec = OptimizerSpec.from_torch(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), names, 1.0
+    )
     assert OptimizerSpec.from_json(spec.to_json()) == spec

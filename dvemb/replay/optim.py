@@ -107,7 +107,9 @@ class OptimizerSpec:
                 f"optimizer {self.kind!r}: only torch.optim.SGD and torch.optim.AdamW have an exact step map"
             )
         if self.amsgrad:
-            raise ReplayError("optimizer AdamW(amsgrad=True): AMSGrad's running max is not replayable (use amsgrad=False)")
+            raise ReplayError(
+                "optimizer AdamW(amsgrad=True): AMSGrad's running max is not replayable; use amsgrad=False"
+            )
         if self.maximize:
             raise ReplayError("optimizer maximize=True is not supported by the replay")
         if self.kind == "sgd" and self.nesterov and (self.momentum <= 0 or self.dampening != 0):
