@@ -261,7 +261,13 @@ def groundtruth(
     traj = load_trajectory(run, fp64=fp64)
     err = verify_replay(traj)
     log.info("replay reproduces the boundary checkpoints to %.2e (relative)", err)
-    summary = {"replay_rel_error": err, "seed": seed, "last_epoch": last_epoch, "fp64": fp64, "steps": traj.steps}
+    summary = {
+        "replay_rel_error": err,
+        "seed": seed,
+        "last_epoch": last_epoch,
+        "fp64": traj.dtype == torch.float64,
+        "steps": traj.steps,
+    }
     ev = run.root / "eval"
     if points > 0:
         occ = choose_points(traj, points, seed, last_epoch)
