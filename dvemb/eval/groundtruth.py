@@ -1,184 +1,82 @@
 """Ground truth from a run directory: exact TSLOO and all-epoch LOO by replaying the recorded trajectory.
 
-The run records every step's batch (``trajectory/batches.parquet``: sample ids and loss weights),
-the learning rate and weight decay actually applied (``trajectory/steps.parquet``), the training
-table (``data/train.parquet``) and the parameters at every segment boundary. Plain SGD is then a
-pure function of those, so
+The run records every step's batch (``trajectory/batches.parquet``: sample ids and loss weights), the
+optimizer as trained (hyper-parameters, per-group LR and weight decay per step, clipping) and, at every
+segment boundary, the parameters and the optimizer state (see :mod:`dvemb.replay.trajectory`). Training
+is then a pure function of those, so
 
-* **TSLOO** of occurrence (t, z): start at the nearest boundary checkpoint b <= t, replay to t,
-  drop z's loss weight at step t only, replay to T, and report ``l_val(theta'_T) - l_val(theta_T)``
-  (positive = the occurrence helped);
+* **TSLOO** of occurrence (t, z): start at the nearest boundary b <= t, replay to t, drop z's loss
+  weight at step t only, replay to T through the real optimizer (SGD, momentum, AdamW; the clip factor
+  recomputed), and report ``l_val(theta'_T) - l_val(theta_T)`` (positive = the occurrence helped);
 * **all-epoch LOO** of sample z: replay from step 0 with z's weight zero at every step it appears in
-  (the batches are otherwise unchanged, which is exactly the perturbation DVEmb's summed occurrence
+  (the batches are otherwise unchanged, which is exactly the perturbation the summed occurrence
   scores linearise).
 
 Replays of many points run together under ``torch.func.vmap`` (one lane per point plus an untouched
 base lane that gives theta_T through the same arithmetic). Before anything else a replay with nothing
-removed must reproduce every recorded boundary checkpoint; runs with AdamW, momentum or mixed
-precision are refused (they are not replayable as plain SGD).
+removed must reproduce every recorded boundary (model and optimizer state); mixed precision, dropout,
+AMSGrad and unknown optimizers are refused by name.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import torch
-from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import grad, vmap
 
-from dvemb.config import RunConfig, load_config
-from dvemb.data import TableDataModule
-from dvemb.embed.segments import Schedule
-from dvemb.errors import DvembError
-from dvemb.eval.replay import Batch, Params, functional_sgd_step, sgd_step
-from dvemb.models.loss import per_sample_cross_entropy
-from dvemb.models.registry import build_model
+from dvemb.replay.optim import Params, ReplayError, State, optimizer_step
+from dvemb.replay.trajectory import RecordedStep, Trajectory, load_trajectory, replay_range, verify_replay
 from dvemb.store.atomic import atomic_path, write_json
-from dvemb.store.rundir import RunDir, load_tensors
-from dvemb.store.trajectory import read_schedule, read_steps
+from dvemb.store.rundir import RunDir
 
 log = logging.getLogger(__name__)
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LaneWeights = Callable[[int, RecordedStep], torch.Tensor]  # (step, recorded step) -> [lanes, B] loss weights
+
+__all__ = ["ReplayError", "all_epoch_loo", "groundtruth", "load_trajectory", "tsloo_points", "verify_replay"]
 
 
-class ReplayError(DvembError):
-    """The run cannot be replayed exactly as plain SGD, or a replay does not reproduce it."""
+def _counts(state: State) -> tuple[State, State]:
+    """Split the optimizer state into the per-lane tensors and the step counts (equal in every lane)."""
+    lanes = {k: v for k, v in state.items() if not k.endswith("::step")}
+    return lanes, {k: v for k, v in state.items() if k.endswith("::step")}
 
 
-@dataclass
-class Trajectory:
-    """Everything needed to replay a run: model, per-step batches, schedule, boundary checkpoints, val data."""
+def _lanes_replay(traj: Trajectory, start: Params, state: State, first: int, lane_weights: LaneWeights) -> torch.Tensor:
+    """Replay steps first..T-1 in parallel lanes; returns each lane's final validation loss [n] (float64).
 
-    model: nn.Module
-    batches: list[Batch]
-    schedule: Schedule
-    epochs: list[int]
-    checkpoints: dict[int, Params]  # boundary step -> theta_b
-    val: tuple[torch.Tensor, torch.Tensor]
-    dtype: torch.dtype  # of the replay
-    recorded_dtype: torch.dtype  # of the recorded checkpoints (sets the verification tolerance)
-    loss_fn: LossFn = per_sample_cross_entropy
-
-    @property
-    def steps(self) -> int:
-        return len(self.batches)
-
-    def nearest_checkpoint(self, step: int) -> int:
-        """The latest boundary <= step."""
-        return max(b for b in self.checkpoints if b <= step)
-
-
-def check_replayable(cfg: RunConfig) -> None:
-    t = cfg.train
-    if t.optimizer != "sgd":
-        raise ReplayError(
-            f"train.optimizer={t.optimizer!r}: only plain SGD runs can be replayed exactly (AdamW keeps moment "
-            "state that the run directory does not record)"
-        )
-    if t.momentum:
-        raise ReplayError(f"train.momentum={t.momentum}: SGD with momentum is not replayable as plain SGD")
-    if t.precision in ("16-mixed", "bf16-mixed"):
-        raise ReplayError(f"train.precision={t.precision!r}: mixed-precision steps cannot be replayed exactly")
-    if t.grad_clip is not None:
-        raise ReplayError(
-            f"train.grad_clip={t.grad_clip}: removing a sample changes the clip factor, which the replay (recorded "
-            "LRs) does not recompute"
-        )
-
-
-def load_trajectory(run: RunDir, fp64: bool = False) -> Trajectory:
-    """Read the recorded trajectory of ``run`` (raises ReplayError for a non-SGD run)."""
-    run.require("train")
-    cfg = load_config(None, [], base=run.meta()["config"])
-    check_replayable(cfg)
-    shape = run.meta()["model_shape"]
-    model = build_model(cfg.model, shape["d_in"], shape["n_out"], shape["block_size"])
-    ckpts = {b: load_tensors(run.checkpoint(b)) for b in run.boundaries}
-    recorded = next(iter(ckpts[0].values())).dtype
-    dtype = torch.float64 if fp64 else recorded
-    model = model.to(dtype)
-    model.load_state_dict({k: v.to(dtype) for k, v in ckpts[0].items()})
-    names = [n for n, _ in model.named_parameters()]
-    checkpoints = {b: {n: c[n].to(dtype) for n in names} for b, c in ckpts.items()}
-    schedule = read_schedule(run)
-    epochs = read_steps(run)["epoch"].to_list()
-    data = TableDataModule(run.data("train"), dtype=dtype)
-    occ = pl.read_parquet(run.batches).sort("step", "position")
-    batches = []
-    for (step,), df in occ.group_by("step", maintain_order=True):
-        if step != len(batches):
-            raise ReplayError(f"{run.batches}: step {step} follows step {len(batches) - 1}")
-        ids = df["sample_id"].to_numpy().copy()
-        b = data.get_batch(ids)
-        w = torch.from_numpy(df["weight"].to_numpy().copy()).to(dtype)
-        batches.append(Batch(torch.from_numpy(ids), b["x"], b["y"], w))
-    if len(batches) != len(schedule.lr):
-        raise ReplayError(f"{run.root}: {len(batches)} recorded batches but {len(schedule.lr)} recorded steps")
-    vds = TableDataModule(run.data("val"), dtype=dtype).datasets["train"]
-    vb = vds.batch(np.arange(len(vds)))
-    return Trajectory(model, batches, schedule, epochs, checkpoints, (vb["x"], vb["y"]), dtype, recorded)
-
-
-def replay_range(traj: Trajectory, start: Params, first: int, stop: int) -> Params:
-    """theta_stop from theta_first = ``start`` (nothing removed)."""
-    p = start
-    for t in range(first, stop):
-        lr, wd = traj.schedule.at(t)
-        p = sgd_step(traj.model, p, traj.batches[t], lr, wd, traj.loss_fn)
-    return p
-
-
-def verify_replay(traj: Trajectory, rtol: float | None = None) -> float:
-    """Replay every segment from its start checkpoint and compare with the next one.
-
-    Returns the worst relative max-abs error; raises ReplayError above ``rtol`` (default by dtype
-    of the recorded checkpoints: 1e-9 for float64, 1e-4 for float32 or a float32 run replayed in float64).
+    start, state: unbatched theta_first and optimizer state; lane_weights(t, step) -> [n, B] loss weights.
     """
-    bounds = sorted(traj.checkpoints)
-    worst = 0.0
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        got = replay_range(traj, traj.checkpoints[a], a, b)
-        want = traj.checkpoints[b]
-        scale = max(float(v.abs().max()) for v in want.values())
-        err = max(float((got[k] - want[k]).abs().max()) for k in want) / scale
-        worst = max(worst, err)
-        exact = traj.dtype == traj.recorded_dtype == torch.float64
-        limit = rtol if rtol is not None else (1e-9 if exact else 1e-4)
-        if err > limit:
-            raise ReplayError(
-                f"replaying steps {a}..{b - 1} from checkpoint {a} misses checkpoint {b} by {err:.2e} (relative, "
-                f"limit {limit:.0e}): the run is not plain SGD over the recorded batches (optimizer, "
-                "schedule, nondeterminism?)"
-            )
-    return worst
+    frozen = {k: v for k, v in start.items() if k not in traj.spec.group_of}
+    n = lane_weights(first, traj.steps[first]).shape[0]
+    lanes, counts = _counts(state)
+    params = {k: v.detach().expand(n, *v.shape).clone() for k, v in traj.trained(start).items()}
+    lanes = {k: v.detach().expand(n, *v.shape).clone() for k, v in lanes.items()}
+    for t in range(first, traj.num_steps):
+        rec = traj.steps[t]
 
+        def one(p: Params, s: State, w: torch.Tensor, rec=rec, counts=counts) -> tuple[Params, State]:
+            g = grad(lambda q: (w * traj.losses({**frozen, **q}, rec.batch)).sum())(p)
+            new_p, new_s = optimizer_step(traj.spec, p, {**s, **counts}, g, rec.hyper)
+            return new_p, _counts(new_s)[0]
 
-def _lanes_replay(
-    traj: Trajectory, start: Params, first: int, lane_weights: Callable[[int, Batch], torch.Tensor]
-) -> torch.Tensor:
-    """Replay steps first..T-1 in parallel lanes; returns each lane's final validation loss [n].
-
-    start: unbatched theta_first; lane_weights(t, batch) -> [n, B] loss weights of step t per lane.
-    """
-    model, loss_fn = traj.model, traj.loss_fn
-
-    step_fn = functional_sgd_step(model, loss_fn)
-
-    def val_loss(p: Params) -> torch.Tensor:
-        return loss_fn(functional_call(model, p, (traj.val[0],)), traj.val[1]).mean()
-
-    n = lane_weights(first, traj.batches[first]).shape[0]
-    params = {k: v.detach().expand(n, *v.shape).clone() for k, v in start.items()}
-    for t in range(first, traj.steps):
-        lr, wd = traj.schedule.at(t)
-        b = traj.batches[t]
-        params = vmap(step_fn, in_dims=(0, None, 0, None, None))(params, b, lane_weights(t, b), lr, 1.0 - lr * wd)
+        w = lane_weights(t, rec)
+        params, lanes = vmap(one)(params, lanes, w)
+        counts = _next_counts(traj, counts, params)
     with torch.no_grad():
-        return vmap(val_loss)(params).to(torch.float64)
+        return vmap(lambda p: traj.val_loss({**frozen, **p}))(params).to(torch.float64)
+
+
+def _next_counts(traj: Trajectory, counts: State, params: Params) -> State:
+    """AdamW's step counts after one more step (absent before the first step)."""
+    if traj.spec.kind != "adamw":
+        return counts
+    if counts:
+        return {k: v + 1 for k, v in counts.items()}
+    return {f"{k}::step": torch.ones((), dtype=torch.float64) for k in params}
 
 
 def tsloo_points(traj: Trajectory, occurrences: Sequence[tuple[int, int]], chunk: int = 64) -> torch.Tensor:
@@ -192,19 +90,19 @@ def tsloo_points(traj: Trajectory, occurrences: Sequence[tuple[int, int]], chunk
         first = pts[0][0]
         b = traj.nearest_checkpoint(first)
         if cur_step is None or cur_step > first or cur_step < b:
-            cur_step, cur = b, traj.checkpoints[b]
-        cur = replay_range(traj, cur, cur_step, first)
+            cur_step, cur = b, (traj.checkpoints[b], traj.opt_states[b])
+        cur = replay_range(traj, *cur, cur_step, first)
         cur_step = first
         steps = torch.tensor([p[0] for p in pts])
         pos = torch.tensor([p[1] for p in pts])
 
-        def weights(t: int, batch: Batch, steps=steps, pos=pos) -> torch.Tensor:
-            w = batch.weights.expand(len(steps) + 1, -1).clone()  # last lane: nothing removed
+        def weights(t: int, rec: RecordedStep, steps=steps, pos=pos) -> torch.Tensor:
+            w = rec.weights.expand(len(steps) + 1, -1).clone()  # last lane: nothing removed
             hit = (steps == t).nonzero().flatten()
             w[hit, pos[hit]] = 0.0
             return w
 
-        losses = _lanes_replay(traj, cur, first, weights)
+        losses = _lanes_replay(traj, *cur, first, weights)
         out[rows] = losses[:-1] - losses[-1]
     return out
 
@@ -212,29 +110,30 @@ def tsloo_points(traj: Trajectory, occurrences: Sequence[tuple[int, int]], chunk
 def all_epoch_loo(traj: Trajectory, sample_ids: Sequence[int], chunk: int = 64) -> torch.Tensor:
     """Retrain from step 0 without each sample (its weight zero wherever it occurs): l_val' - l_val."""
     out = torch.empty(len(sample_ids), dtype=torch.float64)
-    start = traj.checkpoints[0]
     for lo in range(0, len(sample_ids), chunk):
         ids = torch.as_tensor(list(sample_ids[lo : lo + chunk]) + [-1], dtype=torch.int64)  # -1: base lane
 
-        def weights(t: int, batch: Batch, ids=ids) -> torch.Tensor:
-            w = batch.weights.expand(len(ids), -1).clone()
-            w[ids[:, None] == batch.sample_ids[None, :]] = 0.0
+        def weights(t: int, rec: RecordedStep, ids=ids) -> torch.Tensor:
+            w = rec.weights.expand(len(ids), -1).clone()
+            w[ids[:, None] == rec.sample_ids[None, :]] = 0.0
             return w
 
-        losses = _lanes_replay(traj, start, 0, weights)
+        losses = _lanes_replay(traj, traj.checkpoints[0], traj.opt_states[0], 0, weights)
         out[lo : lo + len(ids) - 1] = losses[:-1] - losses[-1]
     return out
 
 
-def choose_points(traj: Trajectory, n: int, seed: int = 0, last_epoch: bool = False) -> list[tuple[int, int]]:
-    """``n`` distinct (step, position) occurrences drawn uniformly (from the last epoch only if asked)."""
-    last = max(traj.epochs)
+def choose_points(
+    traj: Trajectory, n: int, seed: int = 0, last_epoch: bool = False, first_epoch: bool = False
+) -> list[tuple[int, int]]:
+    """``n`` distinct (step, position) occurrences drawn uniformly (from the first or last epoch only if asked)."""
+    keep = {max(traj.epochs)} if last_epoch else {min(traj.epochs)} if first_epoch else set(traj.epochs)
     pool = [
         (t, p)
-        for t, b in enumerate(traj.batches)
-        if not last_epoch or traj.epochs[t] == last
-        for p in range(len(b.sample_ids))
-        if float(b.weights[p]) != 0.0
+        for t, s in enumerate(traj.steps)
+        if traj.epochs[t] in keep
+        for p in range(len(s.sample_ids))
+        if float(s.weights[p]) != 0.0
     ]
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
@@ -242,7 +141,7 @@ def choose_points(traj: Trajectory, n: int, seed: int = 0, last_epoch: bool = Fa
 
 
 def choose_samples(traj: Trajectory, n: int, seed: int = 0) -> list[int]:
-    ids = np.unique(torch.cat([b.sample_ids for b in traj.batches]).numpy())
+    ids = np.unique(torch.cat([s.sample_ids for s in traj.steps]).numpy())
     rng = np.random.default_rng([seed, 1])
     return sorted(int(i) for i in rng.choice(ids, size=min(n, len(ids)), replace=False))
 
@@ -253,6 +152,7 @@ def groundtruth(
     seed: int = 0,
     last_epoch: bool = False,
     all_epoch: int = 0,
+    first_epoch: bool = False,
     fp64: bool = False,
     chunk: int = 64,
 ) -> dict:
@@ -265,14 +165,16 @@ def groundtruth(
         "replay_rel_error": err,
         "seed": seed,
         "last_epoch": last_epoch,
-        "fp64": traj.dtype == torch.float64,
-        "steps": traj.steps,
+        "first_epoch": first_epoch,
+        "dtype": str(traj.dtype).removeprefix("torch."),
+        "optimizer": traj.spec.kind,
+        "steps": traj.num_steps,
     }
     ev = run.root / "eval"
     if points > 0:
-        occ = choose_points(traj, points, seed, last_epoch)
+        occ = choose_points(traj, points, seed, last_epoch, first_epoch)
         vals = tsloo_points(traj, occ, chunk)
-        ids = [int(traj.batches[t].sample_ids[p]) for t, p in occ]
+        ids = [int(traj.steps[t].sample_ids[p]) for t, p in occ]
         df = pl.DataFrame(
             {"step": [t for t, _ in occ], "sample_id": ids, "tsloo": vals.numpy()},
             schema={"step": pl.Int64, "sample_id": pl.Int64, "tsloo": pl.Float64},
