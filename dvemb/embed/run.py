@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dvemb.checks import finite, finite_records
 from dvemb.config import EmbedConfig
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.propagator import Propagator
@@ -30,6 +31,8 @@ def embed_segment(run: RunDir, segment: int, embed: EmbedConfig | None = None) -
     emb, prop = embed_steps(
         records, read_schedule(run), dtype=DTYPES[embed.dtype], device=embed.device, curvature=curv, blocks=embed.blocks
     )
+    finite_records(emb, f"segment {segment} embeddings")
+    finite(prop.state_dict(), f"segment {segment} propagator")
     dims = {n: g.shape[1] for n, g in emb[0].grads.items()}
     with SegmentWriter(run.embeddings(segment), dims, dtype=embed.dtype, kind="embeddings") as w:
         w.write_steps(emb)

@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary sibling, then ``os.replace`` onto the target.
 
 A crash or exception mid-write never leaves a partial file under the target name,
-and the temporary file is removed on failure.
+and the temporary file is removed on failure. A file finalised inside a run directory is
+recorded (size, sha256) in the run's ``manifest.json`` (:mod:`dvemb.store.integrity`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dvemb.store import integrity
+
 
 def temp_path_for(path: Path) -> Path:
     """A fresh hidden temporary file name in ``path``'s folder (the folder is created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+
+
+def finalize(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> Path:
+    """Move a finished temporary file onto ``target`` and record it in its run's manifest."""
+    os.replace(tmp, target)
+    integrity.record(target)
+    return Path(target)
 
 
 @contextmanager
@@ -36,7 +46,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = temp_path_for(target)
     try:
         yield tmp
-        os.replace(tmp, target)
+        finalize(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

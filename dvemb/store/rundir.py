@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dvemb.errors import DvembError, StoreError
+from dvemb.errors import DamagedFileError, DvembError, RunPathError, StoreError
+from dvemb.store import integrity
 from dvemb.store.atomic import atomic_path, write_json
 
 
@@ -23,7 +25,8 @@ class RunDir:
     root: Path
 
     def __init__(self, root: str | Path):
-        object.__setattr__(self, "root", Path(root))
+        # resolved: ``missing/../run`` is ``run``, so the overwrite guard sees the folder really written
+        object.__setattr__(self, "root", Path(root).resolve())
 
     # --- paths ------------------------------------------------------------------------
     @property
@@ -87,17 +90,39 @@ class RunDir:
 
     # --- lifecycle ----------------------------------------------------------------------
     def create(self, force: bool = False) -> None:
-        """Make the folder; refuse to reuse one that holds files unless ``force`` (which empties it)."""
-        if self.root.exists() and any(self.root.iterdir()):
-            if not force:
+        """Make the folder. A non-empty one is emptied only if it is a dvemb run directory (holds
+        ``run.json``, does not hold the working directory) and either ``force`` is given or it never
+        got to training (a failed data step: no checkpoint, no gradient). Anything else is refused."""
+        if self.root.exists() and not self.root.is_dir():
+            raise RunPathError(f"{self.root}: exists and is not a folder; choose another --out")
+        if self.root.is_dir() and any(self.root.iterdir()):
+            if not self.run_json.is_file():
+                raise RunPathError(
+                    f"{self.root}: folder exists, is not empty and is not a dvemb run directory (no run.json); "
+                    "dvemb never deletes it — choose another --out"
+                )
+            if Path.cwd().resolve().is_relative_to(self.root):
+                raise RunPathError(f"{self.root}: holds the working directory; refusing to empty it")
+            if not (force or self._never_trained()):
                 raise RunExistsError(f"{self.root}: run directory exists and is not empty; pass --force to overwrite")
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def _never_trained(self) -> bool:
+        """The folder holds no checkpoint and no gradient: a run stopped before training (reusable)."""
+        return not any(p.is_file() for d in ("checkpoints", "grads") for p in (self.root / d).glob("*"))
+
     def meta(self) -> dict:
+        """run.json as a dict (StoreError when absent, DamagedFileError naming it when unreadable)."""
         if not self.run_json.exists():
             raise StoreError(f"{self.root}: no run.json — not a dvemb run directory (or training never started)")
-        return json.loads(self.run_json.read_text())
+        try:
+            meta = json.loads(self.run_json.read_text())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise DamagedFileError(f"{self.run_json}: damaged — not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise DamagedFileError(f"{self.run_json}: damaged — holds a {type(meta).__name__}, not a JSON object")
+        return meta
 
     def update_meta(self, **fields) -> None:
         meta = self.meta() if self.run_json.exists() else {}
@@ -107,7 +132,14 @@ class RunDir:
     @property
     def boundaries(self) -> list[int]:
         """Segment boundaries 0 = b_0 < … < b_K = T, recorded at training time."""
-        return list(self.meta()["boundaries"])
+        meta = self.meta()
+        if "boundaries" not in meta:
+            why = f": {meta['error']}" if meta.get("error") else ""
+            raise StoreError(
+                f"{self.run_json}: no segment boundaries — training never started "
+                f"(status {meta.get('status', 'unknown')!r}{why})"
+            )
+        return list(meta["boundaries"])
 
     def expected(self, stage: str) -> list[Path]:
         """The files a finished ``stage`` (train / embed / score / curate) leaves behind."""
@@ -133,15 +165,20 @@ class RunDir:
         raise ValueError(f"unknown stage {stage!r}")
 
     def require(self, stage: str) -> None:
-        """Raise StoreError listing what an earlier ``stage`` should have written but did not."""
+        """Raise StoreError listing what an earlier ``stage`` should have written but did not, or
+        DamagedFileError naming each of its files that is unreadable or differs in size from the manifest."""
         try:
-            missing = [p for p in self.expected(stage) if not p.exists()]
+            expected = self.expected(stage)
+        except DamagedFileError:
+            raise
         except StoreError as e:
             raise StoreError(f"stage {stage!r} has not run: {e}") from None
+        missing = [p for p in expected if not p.exists()]
         if missing:
             names = ", ".join(str(p.relative_to(self.root)) for p in missing[:8])
             more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
             raise StoreError(f"{self.root}: stage {stage!r} is incomplete; missing {names}{more}")
+        integrity.check_files(self.root, expected)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -151,6 +188,10 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (StoreError when missing, DamagedFileError naming it when unreadable)."""
     if not path.exists():
         raise StoreError(f"{path}: missing")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise DamagedFileError(f"{path}: damaged — not a readable safetensors file ({e})") from None
