@@ -155,24 +155,55 @@ def _explain(err: ValidationError, where: str) -> ConfigError:
     return ConfigError("\n".join(lines))
 
 
+def _yaml_error(err: yaml.YAMLError, where: str) -> ConfigError:
+    """A YAML syntax error or a refused tag (``!!python/...``) as one line naming the place."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:
+        tag = problem.split("tag", 1)[1].strip().strip("'").replace("tag:yaml.org,2002:", "!!")
+        return ConfigError(f"{where}{at}: YAML tag {tag} refused — configs are plain YAML (no Python objects)")
+    return ConfigError(f"{where}{at}: not valid YAML ({problem})")
+
+
+def _check_name(name: str, where: str) -> None:
+    """``name`` becomes the folder ``runs/<name>``: a plain folder name, never a path."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name.startswith("~"):
+        raise ConfigError(
+            f"{where}: name {name!r} must be a plain folder name (no '/', '..' or '~'); it names runs/<name>"
+        )
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'a.b=c' -> (['a', 'b'], yaml-parsed c)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key.path=value")
     key, value = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {item!r}: {key.strip()!r} is not a key path like section.field")
+    try:
+        return keys, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, f"override {item!r}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
-    """Read a YAML config (or ``base``, or the defaults), apply ``--set`` overrides, validate."""
+    """Read a YAML config (or ``base``, or the defaults), apply ``--set`` overrides, validate.
+
+    Every failure is a ConfigError naming the file (line and column for YAML errors) or the field."""
     raw: dict = copy.deepcopy(base) if base else {}
     where = "recorded config" if base else "defaults"
     if path is not None:
         where = str(path)
         try:
             raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: no such config file") from e
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e})") from None
+        except yaml.YAMLError as e:
+            raise _yaml_error(e, str(path)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:
@@ -183,7 +214,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")
         node[keys[-1]] = value
+    where += f" with overrides {list(overrides)}" if overrides else ""
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise _explain(e, where + (f" with overrides {list(overrides)}" if overrides else "")) from None
+        raise _explain(e, where) from None
+    _check_name(cfg.name, where)
+    return cfg
