@@ -112,7 +112,7 @@ def run(
             os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
             from flows.pipeline import pipeline
 
-            pipeline(config=cfg, out=str(out), force=force)
+            pipeline(config=str(config), overrides=list(sets or []), out=str(out), force=force)
         else:
             from dvemb.pipeline import run_local
 

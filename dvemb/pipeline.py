@@ -1,18 +1,33 @@
-"""The whole chain in one process, without Prefect (the CLI's ``--engine local``; tests)."""
+"""The whole chain in one process, without Prefect (the CLI's ``--engine local``; tests), and the pieces
+every engine shares: config files by name, the checks that run before training, and the stage log lines.
+
+Stage log lines go to the ``dvemb.pipeline`` logger (INFO): the flows forward ``dvemb.*`` records to the
+Prefect run's Logs tab; the CLI shows them with ``-v``.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
+import polars as pl
+import torch
+import yaml
 from rich.progress import track
 
-from dvemb.config import RunConfig, load_config
+from dvemb.checks import check_config
+from dvemb.config import ConfigError, RunConfig, load_config
 from dvemb.curate.run import curate
 from dvemb.embed.run import embed_segment
-from dvemb.report import write_report
+from dvemb.report import drop_reason, write_report
 from dvemb.score.run import score
-from dvemb.store.rundir import RunDir
+from dvemb.store.rundir import RunDir, RunExistsError
 from dvemb.train.run import train
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def config_of(run: RunDir, overrides: list[str] = ()) -> RunConfig:
@@ -20,13 +35,141 @@ def config_of(run: RunDir, overrides: list[str] = ()) -> RunConfig:
     return load_config(None, list(overrides), base=run.meta()["config"])
 
 
+def config_files() -> list[str]:
+    """The shipped run configs, as ``configs/<name>.yaml`` (the choices a deployment form offers)."""
+    return sorted(f"configs/{p.name}" for p in CONFIGS.glob("*.yaml")) if CONFIGS.is_dir() else []
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file by path: absolute, relative to the working directory, or relative to the checkout
+    (``configs/x.yaml``; a bare ``x.yaml`` / ``x`` is looked up in ``configs/``). ConfigError names it."""
+    p = Path(path).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, CONFIGS.parent / p, CONFIGS / p, CONFIGS / f"{p}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    looked = ", ".join(dict.fromkeys(str(c) for c in candidates))
+    raise ConfigError(f"config {str(path)!r}: no such config file (looked at {looked}); choose one of {config_files()}")
+
+
+def resolve_config(path: str | Path, overrides: list[str] = ()) -> tuple[RunConfig, Path]:
+    """``path`` (see :func:`find_config`) with ``key.path=value`` overrides merged onto that file; validated."""
+    file = find_config(path)
+    return load_config(file, list(overrides)), file
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what a run logs at its start and shows in its summary)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=120)
+
+
+def check_device(device: str, field: str = "embed.device") -> None:
+    """ConfigError when ``device`` is not a torch device or not present here (a retry would not help)."""
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"{field}: {device!r} is not a torch device ({e})") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (d.index or 0) >= n:
+            raise ConfigError(f"{field}: {device!r}, but this machine has {n} CUDA device(s); use 'cpu'")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{field}: 'mps', but no MPS device is available here; use 'cpu'")
+
+
+def preflight(cfg: RunConfig, out: str | Path, force: bool, force_name: str = "--force") -> RunDir:
+    """Checks that fail fast, before any training: the devices of ``cfg``, then the run directory
+    (made, or emptied when ``force``, by the run directory's own rules). Returns the run directory.
+
+    ``force_name``: how the caller spells the overwrite switch (``--force`` on the CLI, ``force=true``
+    as a flow parameter), named in the error.
+    """
+    check_config(cfg)
+    check_device(cfg.embed.device)
+    run = RunDir(out)
+    try:
+        run.create(force=force)
+    except RunExistsError:
+        raise RunExistsError(
+            f"out {str(run.root)!r}: the run directory exists and holds a run; set {force_name} to overwrite it "
+            "or choose another out"
+        ) from None
+    return run
+
+
+# --- stage log lines (counts, loss, paths) ----------------------------------------------------------
+
+
+def describe_train(run: RunDir) -> str:
+    steps = pl.read_parquet(run.steps)
+    per_epoch = steps.group_by("epoch").agg(pl.col("loss").mean()).sort("epoch")
+    losses = ", ".join(f"{r['epoch']}: {r['loss']:.4f}" for r in per_epoch.to_dicts())
+    n_train = pl.scan_parquet(run.data("train")).select(pl.len()).collect().item()
+    return (
+        f"train: {steps.height} steps over {per_epoch.height} epochs on {n_train} training rows; "
+        f"loss {steps['loss'][0]:.4f} -> {steps['loss'][-1]:.4f} (mean per epoch {losses}); "
+        f"checkpoints at steps {run.boundaries}; run directory {run.root}"
+    )
+
+
+def describe_segment(run: RunDir, segment: int) -> str:
+    b = run.boundaries
+    k = len(b) - 1
+    return (
+        f"embed: segment {segment + 1}/{k} (steps {b[segment]}-{b[segment + 1]}) -> "
+        f"{run.embeddings(segment)}, {run.propagator(segment)}"
+    )
+
+
+def describe_score(run: RunDir) -> str:
+    occ = pl.scan_parquet(run.occurrences)
+    n, k = occ.select(pl.len(), pl.col("checkpoint").n_unique()).collect().row(0)
+    values = pl.read_parquet(run.samples, columns=["value"])["value"]
+    return (
+        f"score: {n} occurrence scores at {k} checkpoint(s) -> {run.occurrences}; "
+        f"values of {values.len()} samples ({(values > 0).sum()} helped, {(values < 0).sum()} hurt) -> {run.samples}"
+    )
+
+
+def describe_curate(run: RunDir) -> str:
+    plan = json.loads(run.plan.read_text())
+    ph = plan.get("phases") or {}
+    phases = (
+        f"; phases early [0, {ph['early_end']}), middle [{ph['early_end']}, {ph['late_start']}), "
+        f"late [{ph['late_start']}, {ph['total_steps']})"
+        if ph
+        else ""
+    )
+    return (
+        f"curate: kept {plan['n_kept']} of {plan['n_train']} training rows, dropped {plan['n_dropped']} "
+        f"({drop_reason(plan.get('policy', {}))}){phases} -> {run.curated}, {run.plan}"
+    )
+
+
+def log_stage(run: RunDir, stage: str, segment: int | None = None) -> None:
+    """Log what ``stage`` (train / embed / score / curate) left in ``run``: counts, loss, paths."""
+    if stage == "embed" and segment is not None:
+        log.info(describe_segment(run, segment))
+    elif stage in STAGE_LINES:
+        log.info(STAGE_LINES[stage](run))
+
+
+STAGE_LINES = {"train": describe_train, "score": describe_score, "curate": describe_curate}
+
+
 def run_local(cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True) -> RunDir:
     """train -> embed (every segment) -> score -> curate, sequentially."""
+    check_device(cfg.embed.device)
+    log.info("config %s:\n%s", cfg.name, config_yaml(cfg))
     run = train(cfg, RunDir(out), force=force, progress=progress)
+    log_stage(run, "train")
     segments = range(len(run.boundaries) - 1)
     for j in track(segments, description="embedding segments", disable=not progress, transient=True):
         embed_segment(run, j, cfg.embed)
+        log_stage(run, "embed", j)
     score(run, cfg)
+    log_stage(run, "score")
     curate(run, cfg)
+    log_stage(run, "curate")
     write_report(run)
     return run

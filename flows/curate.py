@@ -6,6 +6,7 @@ from prefect import flow
 
 from dvemb.config import RunConfig
 from dvemb.curate.run import curate as curate_run
+from dvemb.pipeline import log_stage
 from dvemb.store.rundir import RunDir
 from flows.common import io_task, resolve_out
 
@@ -13,7 +14,9 @@ from flows.common import io_task, resolve_out
 @io_task("curate-data")
 def curate_data(config: RunConfig, out: str) -> str:
     """curation/curated.parquet and curation/plan.json (path of the former)."""
-    return curate_run(RunDir(out), config)
+    path = curate_run(RunDir(out), config)
+    log_stage(RunDir(out), "curate")
+    return path
 
 
 @flow(name="curate")

@@ -7,6 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dvemb.config import EmbedConfig, RunConfig
 from dvemb.embed.run import embed_segment as embed_segment_run
+from dvemb.pipeline import log_stage
 from dvemb.store.rundir import RunDir
 from flows.common import io_task, resolve_out
 
@@ -22,7 +23,9 @@ def count_segments(out: str) -> int:
 @io_task("embed-segment", task_run_name="embed-segment-{segment}")
 def embed_segment(out: str, segment: int, embed: EmbedConfig) -> list[str]:
     """One segment: its embeddings file and propagator K_j (paths)."""
-    return list(embed_segment_run(RunDir(out), segment, embed))
+    paths = list(embed_segment_run(RunDir(out), segment, embed))
+    log_stage(RunDir(out), "embed", segment)
+    return paths
 
 
 @task(name="compose-embeddings", cache_policy=NO_CACHE)

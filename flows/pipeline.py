@@ -1,26 +1,87 @@
-"""Flow ``pipeline``: train -> embed (segments in parallel) -> score -> curate, then publish the run's artifacts."""
+"""Flow ``pipeline``: resolve the config -> train -> embed (segments in parallel) -> score -> curate, then
+publish the run's artifacts and, when asked (the nightly deployment), the curated dataset as a new version.
+
+Its parameters are what a person fills in: a config file (the shipped ones are a dropdown), overrides
+merged onto THAT file, the run directory, ``force``, and where to publish the curated dataset.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prefect import flow
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from dvemb.config import RunConfig
-from flows.common import io_task, resolve_out
+from dvemb.curate.publish import publish_version, read_version
+from dvemb.pipeline import config_yaml, preflight, resolve_config
+from dvemb.store.rundir import RunDir
+from flows.common import DEFAULT_CONFIG, ConfigFile, io_task, own_partial_run, resolve_out, run_time
 from flows.curate import curate
 from flows.embed import embed
 from flows.report import publish as publish_run
 from flows.score import score
 from flows.train import train
 
+log = logging.getLogger("dvemb.flows")
+PUBLISHED_EVENT = "dvemb.dataset.published"
+
+
+@task(name="resolve-config", cache_policy=NO_CACHE)
+def resolve(config: str, overrides: list[str], out: str, force: bool) -> tuple[RunConfig, str, bool, dict]:
+    """The config file with its overrides, validated and logged; the run directory checked (before any
+    training). Returns (config, absolute out, force, config source)."""
+    cfg, file = resolve_config(config, overrides)
+    log.info("config %s with overrides %s, resolved:\n%s", file, list(overrides) or "(none)", config_yaml(cfg))
+    out = resolve_out(out, name=cfg.name)
+    if not force and own_partial_run(out):
+        log.warning("retry of this flow run: %s holds its own earlier, unfinished attempt; starting it over", out)
+        force = True
+    preflight(cfg, out, force, force_name="the parameter force=true")
+    log.info("run directory %s", out)
+    return cfg, out, force, {"file": str(file), "overrides": list(overrides)}
+
 
 @io_task("publish-artifacts")
-def publish(out: str, timings: dict[str, float]) -> dict[str, str]:
+def publish(out: str, timings: dict[str, float], config_source: dict) -> dict[str, str]:
     """Influence plot + report.md in the run; summary, top-samples and plot artifacts in Prefect."""
-    return publish_run(out, timings)
+    keys = publish_run(out, timings, config_source)
+    log.info("report %s; artifacts %s", RunDir(out).report, sorted(keys.values()))
+    return keys
+
+
+@task(name="publish-dataset", cache_policy=NO_CACHE)
+def publish_dataset(out: str, root: str, config_source: dict) -> str:
+    """The curated table as the next immutable version under ``root``; emits ``dvemb.dataset.published``
+    (the retrain deployment's trigger) with the version folder in its payload. No retries: a version is
+    never written twice."""
+    from prefect.runtime import flow_run
+
+    source = {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name, **config_source}
+    folder = publish_version(RunDir(out), resolve_out(root), source=source)
+    _, manifest = read_version(folder)
+    name, version, rows = manifest["name"], manifest["version"], manifest["rows"]
+    sha = manifest["files"]["curated.parquet"]["sha256"]
+    log.info("published %s %s: %d rows, sha256 %s -> %s", name, version, rows, sha, folder)
+    create_markdown_artifact(
+        f"# Dataset `{name}` {version}\n\n- folder: `{folder}`\n- rows: **{rows}** (kept "
+        f"{manifest['curation']['n_kept']} of {manifest['curation']['n_train']})\n- curated.parquet sha256: "
+        f"`{sha}`\n- source run: `{manifest['source']['run']}`\n- config: `{config_source['file']}` "
+        f"{config_source['overrides'] or ''}\n",
+        key="dvemb-dataset-version",
+        description=f"curated dataset {name} {version}",
+    )
+    emit_event(
+        event=PUBLISHED_EVENT,
+        resource={"prefect.resource.id": f"dvemb.dataset.{name}.{version}", "prefect.resource.name": name},
+        payload={"dataset": str(folder), "name": name, "version": version, "rows": rows, "sha256": sha},
+    )
+    return str(folder)
 
 
 @contextmanager
@@ -32,16 +93,39 @@ def stopwatch(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 @flow(name="pipeline")
-def pipeline(config: RunConfig, out: str, force: bool = False) -> str:
-    """Train, embed, score and curate one run into ``out``; returns the run directory."""
+def pipeline(
+    config: ConfigFile = DEFAULT_CONFIG,
+    overrides: list[str] = [],  # noqa: B006 (a Prefect form default; never mutated)
+    out: str = "runs/{name}-{now:%Y%m%d-%H%M%S}",
+    force: bool = False,
+    publish_to: str | None = None,
+) -> str:
+    """Train, embed, score and curate one run; publish its report and artifacts (and the curated dataset).
+
+    Args:
+        config: the run config file: one of configs/ (dropdown), or a path (absolute, or relative to the
+            worker's working directory).
+        overrides: changes to THAT file, one "key.path=value" per item, e.g. "train.epochs=5" or
+            "curate.drop=quantile". Each must name a config field, or the run fails before training.
+        out: the run directory to create. {name} is the config's name, {now:%Y%m%d} the run's scheduled
+            time (a retry resolves to the same folder). It must not hold a run unless force is set.
+        force: overwrite out if it already holds a run (its files are deleted first).
+        publish_to: a datasets folder: publish the curated table as its next immutable version
+            <publish_to>/<name>/vNNNN and emit the dvemb.dataset.published event that starts the retrain
+            deployment. Empty: do not publish.
+    """
+    cfg, run, force, source = resolve(config, list(overrides), out, force)
+    log.info("pipeline %s (scheduled %s) -> %s", cfg.name, run_time().isoformat(timespec="seconds"), run)
     timings: dict[str, float] = {}
     with stopwatch(timings, "train"):
-        run = train(config, resolve_out(out), force)
+        run = train(cfg, run, force)
     with stopwatch(timings, "embed"):
-        run = embed(config, run)
+        run = embed(cfg, run)
     with stopwatch(timings, "score"):
-        run = score(config, run)
+        run = score(cfg, run)
     with stopwatch(timings, "curate"):
-        run = curate(config, run)
-    publish(run, timings)
+        run = curate(cfg, run)
+    publish(run, timings, source)
+    if publish_to:
+        publish_dataset(run, publish_to, source)
     return run

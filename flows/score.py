@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from dvemb.config import RunConfig
+from dvemb.pipeline import log_stage
 from dvemb.score.run import score as score_run
 from dvemb.store.rundir import RunDir
 from flows.common import io_task, resolve_out
@@ -13,7 +14,9 @@ from flows.common import io_task, resolve_out
 @io_task("score-occurrences")
 def score_occurrences(config: RunConfig, out: str) -> str:
     """scores/occurrences.parquet and scores/samples.parquet (path of the former)."""
-    return score_run(RunDir(out), config)
+    path = score_run(RunDir(out), config)
+    log_stage(RunDir(out), "score")
+    return path
 
 
 @flow(name="score")

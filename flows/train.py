@@ -6,6 +6,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from dvemb.config import RunConfig
+from dvemb.pipeline import log_stage
 from dvemb.store.rundir import RunDir
 from dvemb.train.run import train as train_run
 from flows.common import resolve_out
@@ -16,10 +17,17 @@ def train_model(config: RunConfig, out: str, force: bool) -> str:
     """Lightning training with gradient capture (no retries: a retry would redo the whole run)."""
     train_run(config, RunDir(out), force=force, progress=False)
     RunDir(out).require("train")
+    log_stage(RunDir(out), "train")
     return out
 
 
 @flow(name="train")
 def train(config: RunConfig, out: str, force: bool = False) -> str:
-    """Train ``config`` into ``out`` (refuses a non-empty directory unless ``force``); returns the run directory."""
+    """Train ``config`` into ``out`` (refuses a directory holding a run unless ``force``); returns the run directory.
+
+    Args:
+        config: the resolved run config.
+        out: run directory to create.
+        force: overwrite ``out`` if it already holds a run.
+    """
     return train_model(config, resolve_out(out), force)
