@@ -40,8 +40,8 @@ from torch import nn
 from benchmarks.common import bench_args, machine_info, make_sync, write_json_atomic
 from dvemb.capture.hooks import GradientCapture, loss_weight
 from dvemb.models.gpt import GPT, GPTConfig
-from dvemb.models.loss import per_sample_cross_entropy
 from dvemb.models.mlp import MLP, MLPConfig
+from dvemb.task import masked_cross_entropy
 from dvemb.types import ProjectionConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -137,10 +137,10 @@ class Arm:
         ids, x, y = self.batches[self.step_no % len(self.batches)]
         self.opt.zero_grad(set_to_none=True)
         if self.cap is None:
-            per_sample_cross_entropy(self.model(x), y).mean().backward()
+            masked_cross_entropy(self.model(x), y).mean().backward()
         else:
             with self.cap.micro_batch(ids, weight=loss_weight("mean", len(ids))):
-                per_sample_cross_entropy(self.model(x), y).mean().backward()
+                masked_cross_entropy(self.model(x), y).mean().backward()
             self.cap.collect(self.step_no)  # a real run would hand this StepGrads to the store
         self.opt.step()
         self.step_no += 1

@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, hessian, jacrev, vmap
 from benchmarks.bench_fidelity import DATASETS, ROOT, B, Experiment, ground_truth, train
 from benchmarks.common import RESULTS, machine_info, replace_doc_block, write_json_atomic
 from dvemb.eval.metrics import spearman
-from dvemb.models.loss import per_sample_cross_entropy
+from dvemb.task import masked_cross_entropy
 
 CURVATURES = ("hessian", "ggn", "empirical")
 
@@ -45,7 +45,7 @@ def flat_fns(exp: Experiment):
         return functional_call(exp.model, unflat(theta), (x,))
 
     def losses(theta, x, y):
-        return per_sample_cross_entropy(logits(theta, x), y)
+        return masked_cross_entropy(logits(theta, x), y)
 
     layer_of = [n.rsplit(".", 1)[0] for n in names]
     blocks, start = {}, 0

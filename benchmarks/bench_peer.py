@@ -52,9 +52,9 @@ from dvemb.embed.direct import direct_scores
 from dvemb.embed.segments import embed_steps
 from dvemb.eval.metrics import pearson, spearman
 from dvemb.models import MLP, MLPConfig
-from dvemb.models.loss import per_sample_cross_entropy
 from dvemb.score.scores import dot_scores
 from dvemb.score.validation import validation_gradients
+from dvemb.task import masked_cross_entropy
 from dvemb.types import ProjectionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def sgd_update(model: MLP, batch, lr: float, ctx: Callable | None = None) -> Non
     """One in-place SGD step; ``ctx()`` (a context manager) wraps its forward + backward."""
     model.zero_grad(set_to_none=True)
     with ctx() if ctx is not None else contextlib.nullcontext():
-        (batch.weights * per_sample_cross_entropy(model(batch.x), batch.y)).sum().backward()
+        (batch.weights * masked_cross_entropy(model(batch.x), batch.y)).sum().backward()
     with torch.no_grad():
         for p in model.parameters():
             p.sub_(lr * p.grad)

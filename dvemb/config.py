@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from dvemb.errors import DvembError
 
@@ -17,14 +17,22 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: Literal["digits", "mnist5k", "mnist", "shakespeare", "parquet"] = "digits"
-    train_path: str | None = Field(None, description="user Parquet (source=parquet)")
+    source: Literal["digits", "mnist5k", "mnist", "shakespeare", "parquet", "hf"] = "digits"
+    train_path: str | None = Field(
+        None, description="user Parquet (source=parquet); a saved HF dataset dir or Parquet files/dir (source=hf)"
+    )
     val_path: str | None = None
     test_path: str | None = None
     subset: int | None = Field(None, ge=1, description="keep this many training rows (seeded)")
     eval_subset: int | None = Field(None, ge=1, description="keep this many val/test rows (seeded)")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     block_size: int = Field(64, ge=2, description="tokens per text block (shakespeare)")
+    n_classes: int | None = Field(
+        None,
+        ge=2,
+        description="classes of a feature table / vocabulary of a token table; null = the source's own "
+        "(digits, mnist: 10; shakespeare: GPT-2's 50257) or the task's",
+    )
     batch_size: int = Field(32, ge=1)
     label_noise: float = Field(0.0, ge=0, lt=1, description="fraction of training labels flipped on purpose")
     label_noise_kind: Literal["uniform", "pairflip"] = Field(
@@ -34,19 +42,30 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _paths(self) -> DataConfig:
-        if self.source == "parquet" and not self.train_path:
-            raise ValueError("source 'parquet' needs train_path")
+        if self.source in ("parquet", "hf") and not self.train_path:
+            raise ValueError(f"source {self.source!r} needs train_path")
         return self
 
 
 class ModelConfig(Section):
-    kind: Literal["mlp", "gpt"] = "mlp"
+    """Options of the built-in tasks (mlp: hidden, activation; gpt: n_layer, n_head, n_embd); seed: model init."""
+
     hidden: list[int] = Field(default_factory=lambda: [32])
     activation: Literal["tanh", "relu", "gelu"] = "tanh"
     n_layer: int = Field(2, ge=1)
     n_head: int = Field(2, ge=1)
     n_embd: int = Field(64, ge=8)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kind" in data:
+            raise ValueError(
+                f"model.kind was removed: name the task at the top level instead, task: {data['kind']!r} "
+                "(built-in mlp | gpt, or 'package.module:Name')"
+            )
+        return data
 
 
 class TrainConfig(Section):
@@ -55,6 +74,14 @@ class TrainConfig(Section):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    no_decay: list[str] = Field(
+        default_factory=list,
+        description="glob patterns over parameter names trained without weight decay (e.g. '*.bias', '*ln_*'); "
+        "with any (or the task's own), the optimizer has two param groups: decay (group 0), no_decay",
+    )
+    group_lr: dict[Literal["decay", "no_decay"], PositiveFloat] = Field(
+        default_factory=dict, description="LR multiplier of a param group by name (decay, no_decay); default 1"
+    )
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step")

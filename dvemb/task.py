@@ -99,6 +99,10 @@ class Task:
     def build_model(self, info: DataInfo) -> nn.Module:
         raise TaskError(f"task {self.name!r}: build_model(info) is not implemented")
 
+    def init_seed(self) -> int:
+        """Seed set before ``build_model`` (the config's ``model.seed``; 0 without a config)."""
+        return int(self.cfg.model.seed) if self.cfg is not None else 0
+
     def logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Model outputs [B, C] or [B, S, C] (default: ``model(batch["x"])``)."""
         return model(batch["x"])
@@ -123,6 +127,28 @@ class Task:
         labels = torch.multinomial(p.cpu(), 1, generator=generator).view(logits.shape[:-1]).to(logits.device)
         return masked_cross_entropy(logits, labels, self.mask(batch))
 
+    def per_sample_accuracy(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
+        """Fraction of targets predicted by the argmax of the logits, per sample [B] (token mean over the
+        mask); None for a task whose loss is not a cross-entropy of its logits (see :func:`has_logits`)."""
+        if not has_logits(self):
+            return None
+        hit = (self.logits(model, batch).argmax(-1) == self.targets(batch)).to(torch.float64)
+        if hit.dim() == 1:
+            return hit
+        mask = self.mask(batch)
+        if mask is None:
+            return hit.reshape(len(hit), -1).mean(1)
+        m = mask.to(hit.dtype)
+        return (hit * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def require_logits(self, what: str) -> None:
+        """Raise TaskError naming ``what`` when the task's loss is not a cross-entropy of its logits."""
+        if not has_logits(self):
+            raise TaskError(
+                f"task {self.name!r}: {what} needs logits(model, batch) — the task overrides per_sample_loss "
+                "but not logits, so the loss is not known to be the cross-entropy of the logits"
+            )
+
     def sample_ids(self, batch: Batch) -> torch.Tensor:
         """[B] int64 ids of the batch's samples (default ``batch["sample_id"]``)."""
         if "sample_id" not in batch:
@@ -131,10 +157,57 @@ class Task:
 
     # --- optimizer -----------------------------------------------------------------------
     def no_decay(self, model: nn.Module) -> list[str]:
-        """Names of parameters trained without weight decay (nanoGPT: biases, norms, embeddings).
-
-        Default: the config's ``train.no_decay`` glob patterns (none)."""
+        """Names or glob patterns of parameters trained without weight decay (nanoGPT: biases, norms),
+        added to the config's ``train.no_decay``. Default: none."""
         return []
+
+
+def has_logits(task: Task) -> bool:
+    """Whether the task's loss is the cross-entropy of ``logits`` against ``targets``: the default
+    ``per_sample_loss``, or one overridden together with ``logits``."""
+    cls = type(task)
+    return cls.per_sample_loss is Task.per_sample_loss or cls.logits is not Task.logits
+
+
+def check_batch(task: Task, model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Dry pre-flight of a task on one batch, forward only: ids present, integer, unique; the per-sample
+    loss [B] and finite. Returns the losses [B]; raises TaskError naming the task, method or column."""
+    ids = task.sample_ids(batch)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TaskError(f"task {task.name!r}: sample_ids(batch) must be an integer tensor [B], got {_describe(ids)}")
+    uniq, counts = torch.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1]
+        raise TaskError(
+            f"task {task.name!r}: sample_ids(batch) are not unique within the batch: sample_id {int(dup[0])} "
+            f"occurs {int(counts[counts > 1][0])} times ({len(dup)} duplicated id(s))"
+        )
+    try:
+        with torch.no_grad():
+            loss = task.per_sample_loss(model, batch)
+    except TaskError:
+        raise
+    except Exception as e:  # noqa: BLE001 - user code: name the method that failed
+        raise TaskError(f"task {task.name!r}: per_sample_loss(model, batch) failed ({type(e).__name__}: {e})") from e
+    if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (len(ids),):
+        raise TaskError(
+            f"task {task.name!r}: per_sample_loss(model, batch) must return the unreduced loss of every sample, "
+            f"shape [{len(ids)}]; got {_describe(loss)} (do not reduce over the batch)"
+        )
+    bad = ~torch.isfinite(loss)
+    if bad.any():
+        first = int(ids[bad.nonzero()[0, 0]])
+        raise TaskError(
+            f"task {task.name!r}: per_sample_loss(model, batch) is not finite (NaN/Inf) for {int(bad.sum())} "
+            f"sample(s), first sample_id {first}"
+        )
+    return loss
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
 
 
 class ClassificationTask(Task):

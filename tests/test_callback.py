@@ -7,10 +7,10 @@ from torch.func import functional_call, grad, vmap
 
 from dvemb.config import load_config
 from dvemb.data import TableDataModule
-from dvemb.models.loss import per_sample_cross_entropy
-from dvemb.score.run import model_at
+from dvemb.runtask import model_at
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir, load_tensors
+from dvemb.task import masked_cross_entropy
 from dvemb.train.run import train
 
 
@@ -48,7 +48,7 @@ def test_logged_gradients_are_exact_per_sample_gradients(tmp_path, reduction, ac
         assert (lr <= 0.05).all() and (lr < 0.05).sum() >= steps // 2
         torch.testing.assert_close(torch.tensor(lr * wd), torch.full((steps,), 0.05 * 0.01, dtype=torch.float64))
     for t in range(steps):
-        model = model_at(run, cfg, t)
+        model = model_at(run, t)
         (rec,) = read_segment(run.grads(t), range(t, t + 1))
         rows = batches.filter(pl.col("step") == t).sort("position")
         assert rec.sample_ids.tolist() == rows["sample_id"].to_list()
@@ -58,7 +58,7 @@ def test_logged_gradients_are_exact_per_sample_gradients(tmp_path, reduction, ac
         params = {k: v.detach() for k, v in model.named_parameters()}
 
         def loss_one(p, x, y, model=model):
-            return per_sample_cross_entropy(functional_call(model, p, (x[None],)), y[None])[0]
+            return masked_cross_entropy(functional_call(model, p, (x[None],)), y[None])[0]
 
         g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, b["x"], b["y"])
         for name in rec.grads:
@@ -78,9 +78,9 @@ def test_amp_gradscaler_steps_are_unscaled_and_skipped_steps_recorded(tmp_path):
     from lightning.pytorch.plugins import MixedPrecision
 
     from dvemb.capture.callback import GradientLogger
-    from dvemb.models.registry import build_model
+    from dvemb.task import load_task
     from dvemb.train.module import Trainee
-    from dvemb.train.run import make_datamodule, model_shape, prepare_data
+    from dvemb.train.run import build_model, make_datamodule, prepare_data, write_data
     from dvemb.types import ProjectionConfig
 
     cfg = load_config(
@@ -89,12 +89,12 @@ def test_amp_gradscaler_steps_are_unscaled_and_skipped_steps_recorded(tmp_path):
     run = RunDir(tmp_path / "amp")
     run.create()
     run.update_meta(config=cfg.model_dump(mode="json"))
-    prepare_data(cfg, run)
+    task = load_task(cfg)
+    prepared = prepare_data(cfg, task)
+    write_data(prepared, run)
+    run.update_meta(model_shape=prepared.info.as_dict())
     dm = make_datamodule(cfg, run)
-    shape = model_shape(dm)
-    run.update_meta(model_shape=shape)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, shape["d_in"], shape["n_out"])
+    model = build_model(cfg, task, prepared.info)
     steps = 192 // 32
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=10_000)  # overflows at first
     logger = GradientLogger(run, ProjectionConfig(k_a=None, k_s=None), segments=steps)
@@ -107,7 +107,7 @@ def test_amp_gradscaler_steps_are_unscaled_and_skipped_steps_recorded(tmp_path):
         enable_progress_bar=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(Trainee(model, cfg.train), datamodule=dm)
+    trainer.fit(Trainee(model, cfg.train, task), datamodule=dm)
 
     lrs = pl.read_parquet(run.steps)["lr"].to_list()
     skipped = [t for t, lr in enumerate(lrs) if lr == 0.0]
@@ -122,12 +122,12 @@ def test_amp_gradscaler_steps_are_unscaled_and_skipped_steps_recorded(tmp_path):
             assert all(float(g.abs().sum()) == 0.0 for g in rec.grads.values())
             assert len(rec.sample_ids) == 32
             continue
-        m = model_at(run, cfg, t)
+        m = model_at(run, t)
         params = {k: v.detach() for k, v in m.named_parameters()}
         b = data.get_batch(rec.sample_ids.numpy())
 
         def loss_one(p, x, y, m=m):
-            return per_sample_cross_entropy(functional_call(m, p, (x[None],)), y[None])[0]
+            return masked_cross_entropy(functional_call(m, p, (x[None],)), y[None])[0]
 
         g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, b["x"], b["y"])
         for name in rec.grads:

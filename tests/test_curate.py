@@ -11,9 +11,9 @@ from dvemb.curate.detect import auroc, detection_metrics
 from dvemb.curate.filter import by_value, keep_ids
 from dvemb.curate.plan import SelectionPlan, Window, plan_windows
 from dvemb.curate.run import build_plan, curated_table
+from dvemb.curate.selection import PlanSampler, selection_table, top_k
 from dvemb.curate.values import Phases, detect_phases, phases_for, step_curve, value_table
 from dvemb.data.datamodule import PlannedBatchSampler
-from dvemb.data.selection import PlanSampler, selection_table, top_k
 
 
 def occ_table(rows, checkpoint=None):

@@ -13,9 +13,9 @@ from dvemb.capture.hooks import GradientCapture
 from dvemb.embed.curvature import curvature_path, fisher_vectors
 from dvemb.eval.metrics import spearman
 from dvemb.models import MLP, MLPConfig
-from dvemb.models.loss import per_sample_cross_entropy
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir, load_tensors
+from dvemb.task import masked_cross_entropy
 from dvemb.types import ProjectionConfig
 
 F64 = torch.float64
@@ -53,7 +53,7 @@ def test_fisher_vectors_equal_explicit_fisher_and_ggn(f64):
     torch.testing.assert_close(rec.weights, p)
 
     def loss(q, c):
-        return per_sample_cross_entropy(functional_call(model, q, (x,)), torch.tensor([c]))[0]
+        return masked_cross_entropy(functional_call(model, q, (x,)), torch.tensor([c]))[0]
 
     for layer in ("layers.0", "layers.2"):
         per_label = torch.stack([flat_layer_grad(grad(loss)(params, c), layer) for c in range(3)])
@@ -84,7 +84,7 @@ def test_projected_fisher_vectors_use_the_training_projection(f64):
         for c in range(3):
 
             def loss(q, z=z, c=c):
-                return per_sample_cross_entropy(functional_call(model, q, (x[z : z + 1],)), torch.tensor([c]))[0]
+                return masked_cross_entropy(functional_call(model, q, (x[z : z + 1],)), torch.tensor([c]))[0]
 
             g = grad(loss)(params)
             for layer in ("layers.0", "layers.2"):
@@ -99,7 +99,7 @@ def test_fisher_vectors_during_capture_leave_the_training_record_alone(f64):
     cap = GradientCapture(model, ProjectionConfig(k_a=None, k_s=None, dtype="float64"))
     x, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
     with cap.micro_batch([1, 2, 3], weight=1 / 3):
-        per_sample_cross_entropy(model(x), y).mean().backward()
+        masked_cross_entropy(model(x), y).mean().backward()
         fisher_vectors(model, cap, x, 1 / 3, mode="fisher")  # inside the open training context
     rec = cap.collect(step=0)
     assert rec.grads["layers.0"].shape[0] == 3
@@ -158,9 +158,9 @@ def test_training_captures_fisher_vectors(tmp_path):
     assert torch.equal(curv[0].sample_ids, grads[0].sample_ids.repeat_interleave(10))
     # step 0's vectors are the Fisher vectors at checkpoint 0 on batch 0
     from dvemb.data import TableDataModule
-    from dvemb.score.run import model_at
+    from dvemb.runtask import model_at
 
-    model = model_at(run, cfg, 0)
+    model = model_at(run, 0)
     cap = GradientCapture(model, ProjectionConfig(k_a=8, k_s=4, dtype="float64"))
     x = TableDataModule(run.data("train"), dtype="float64").get_batch(grads[0].sample_ids.numpy())["x"]
     want = fisher_vectors(model, cap, x, grads[0].weights, mode="fisher")

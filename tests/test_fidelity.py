@@ -15,6 +15,7 @@ from dvemb.models import MLP, MLPConfig
 from dvemb.score.scores import dot_scores
 from dvemb.score.validation import validation_gradients
 from dvemb.store.gradstore import SegmentWriter, read_segment
+from dvemb.task import Task
 from dvemb.types import ProjectionConfig, Schedule
 
 LR, B, EPOCHS, N_TRAIN, N_VAL = 0.07, 32, 3, 1000, 300
@@ -60,7 +61,8 @@ def test_dvemb_tracks_true_tsloo_and_beats_grad_dot(tmp_path):
         with torch.no_grad():
             for k, v in model.named_parameters():
                 v.copy_(params[k])
-        v_grad = validation_gradients(model, cap, [val])
+        v_batch = {"sample_id": va, "x": val[0], "y": val[1]}
+        v_grad = validation_gradients(Task(), model, cap, [v_batch])
 
         bounds = [0, 40, 41, steps]  # uneven segments, composed
         parts = [embed_steps(records[a:b], schedule, dtype=torch.float64) for a, b in zip(bounds[:-1], bounds[1:])]

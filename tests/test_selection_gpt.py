@@ -8,12 +8,12 @@ import torch
 from dvemb.config import RunConfig
 from dvemb.curate.plan import SelectionPlan, Window
 from dvemb.curate.retrain import Variant, evaluate, fit_variant
+from dvemb.curate.selection import OnlineSelector
 from dvemb.data.datamodule import TableDataset
-from dvemb.data.selection import OnlineSelector
 from dvemb.data.tables import text_table
-from dvemb.models.loss import per_sample_cross_entropy
-from dvemb.models.registry import build_model
+from dvemb.runtask import data_info
 from dvemb.store.rundir import RunDir
+from dvemb.task import load_task, masked_cross_entropy
 from dvemb.types import ProjectionConfig
 
 VOCAB, BLOCK = 48, 8
@@ -28,13 +28,14 @@ def text_run(tmp_path_factory):
         tokens[:, 1::2] = (tokens[:, 0::2][:, : tokens[:, 1::2].shape[1]] + 1) % VOCAB  # something to learn
         run.data(split).parent.mkdir(parents=True, exist_ok=True)
         pl.from_arrow(text_table(tokens, np.arange(off, off + n))).write_parquet(run.data(split))
-    run.update_meta(model_shape={"d_in": 0, "n_out": VOCAB, "block_size": BLOCK})
+    run.update_meta(model_shape={"kind": "text", "d_in": 0, "n_out": VOCAB, "block_size": BLOCK})
     return run
 
 
 CFG = RunConfig.model_validate(
     {
-        "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16},
+        "task": "gpt",
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 16},
         "train": {"epochs": 1, "lr": 0.3, "schedule": "cosine", "warmup_steps": 2},
         "data": {"batch_size": 4},
         "capture": {"k_a": 4, "k_s": 4, "layers": "blocks.*"},
@@ -80,21 +81,22 @@ def test_online_selection_on_token_batches_is_deterministic_and_recorded(text_ru
 
 def test_chunked_validation_gradient_and_text_evaluation(text_run):
     torch.manual_seed(0)
-    model = build_model(CFG.model, 0, VOCAB, BLOCK)
+    task = load_task(CFG)
+    model = task.build_model(data_info(text_run))
     val = TableDataset(pl.read_parquet(text_run.data("val")).to_arrow())
     vb = val.batch(np.arange(len(val)))
     proj = ProjectionConfig(4, 4, 0)
-    whole = OnlineSelector(model, vb["x"], vb["y"], proj, "blocks.*")
-    chunked = OnlineSelector(model, vb["x"], vb["y"], proj, "blocks.*", val_chunk=5)
+    whole = OnlineSelector(task, model, vb, proj, "blocks.*")
+    chunked = OnlineSelector(task, model, vb, proj, "blocks.*", val_chunk=5)
     v1, v2 = whole.validation_vector(), chunked.validation_vector()
     assert v1.keys() == v2.keys()
     for k in v1:
         torch.testing.assert_close(v1[k], v2[k], rtol=1e-5, atol=1e-7)
     whole.remove()
     chunked.remove()
-    m = evaluate(model, text_run.data("val"), batch_size=5)
+    m = evaluate(task, model, text_run.data("val"), batch_size=5)
     with torch.no_grad():
         logits = model(vb["x"])
-        loss = float(per_sample_cross_entropy(logits, vb["y"]).mean())
+        loss = float(masked_cross_entropy(logits, vb["y"]).mean())
         acc = float((logits.argmax(-1) == vb["y"]).double().mean())
     assert m["loss"] == pytest.approx(loss, rel=1e-5) and m["acc"] == pytest.approx(acc, rel=1e-9)

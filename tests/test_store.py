@@ -11,6 +11,7 @@ from dvemb.errors import ProjectionMismatchError, StoreError
 from dvemb.models import MLP, MLPConfig
 from dvemb.score.validation import validation_gradients
 from dvemb.store.gradstore import SegmentWriter, read_projection, read_segment, write_projection
+from dvemb.task import Task
 from dvemb.types import ProjectionConfig, StepGrads
 
 DIMS = {"fc1": 6, "fc2": 4}
@@ -109,16 +110,24 @@ def test_validation_projection_mismatch_is_named(tmp_path):
     write_projection(tmp_path / "projection.json", train_cap.specs, train_cap.config)
     stored = read_projection(tmp_path / "projection.json")
     assert json.loads((tmp_path / "projection.json").read_text())["layers"]["layers.0"]["k_a"] == 4
-    batches = [(torch.randn(5, 10), torch.randint(0, 3, (5,)))]
+    batches = [{"sample_id": torch.arange(5), "x": torch.randn(5, 10), "y": torch.randint(0, 3, (5,))}]
     ok = validation_gradients(
-        model, GradientCapture(model, ProjectionConfig(k_a=4, k_s=4, seed=1)), batches, store_projection=stored
+        Task(), model, GradientCapture(model, ProjectionConfig(k_a=4, k_s=4, seed=1)), batches, store_projection=stored
     )
     assert ok["layers.0"].shape == (1, 16)
     with pytest.raises(ProjectionMismatchError, match=r"layer 'layers.0' has seed=\d+, the store has \d+"):
         validation_gradients(
-            model, GradientCapture(model, ProjectionConfig(k_a=4, k_s=4, seed=2)), batches, store_projection=stored
+            Task(),
+            model,
+            GradientCapture(model, ProjectionConfig(k_a=4, k_s=4, seed=2)),
+            batches,
+            store_projection=stored,
         )
     with pytest.raises(ProjectionMismatchError, match=r"layer 'layers.0' has k_a=5, the store has 4"):
         validation_gradients(
-            model, GradientCapture(model, ProjectionConfig(k_a=5, k_s=4, seed=1)), batches, store_projection=stored
+            Task(),
+            model,
+            GradientCapture(model, ProjectionConfig(k_a=5, k_s=4, seed=1)),
+            batches,
+            store_projection=stored,
         )

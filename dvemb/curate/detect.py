@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from dvemb.config import RunConfig
 from dvemb.data import TableDataModule
-from dvemb.models.loss import per_sample_cross_entropy
+from dvemb.runtask import model_at, task_of
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir
 from dvemb.store.trajectory import read_schedule
@@ -42,14 +42,13 @@ def grad_dot_values(run: RunDir, cfg: RunConfig) -> pl.DataFrame:
 
 def loss_values(run: RunDir, cfg: RunConfig) -> pl.DataFrame:
     """Minus the per-sample training loss of the final model (high loss = suspicious = low value)."""
-    from dvemb.score.run import model_at
-
-    model = model_at(run, cfg, run.boundaries[-1]).eval()
+    task = task_of(run, cfg)
+    model = model_at(run, run.boundaries[-1], task).eval()
     dtype = next(model.parameters()).dtype
     ds = TableDataModule(run.data("train"), batch_size=1024, shuffle=False, dtype=dtype).datasets["train"]
     with torch.no_grad():
         b = ds.batch(np.arange(len(ds)))
-        loss = per_sample_cross_entropy(model(b["x"]), b["y"]).to(torch.float64)
+        loss = task.per_sample_loss(model, b).to(torch.float64)
     return pl.DataFrame({"sample_id": b["sample_id"].numpy(), "value": (-loss).numpy()}).sort("sample_id")
 
 

@@ -24,12 +24,12 @@ import torch
 from dvemb.config import RunConfig
 from dvemb.curate.plan import SelectionPlan
 from dvemb.curate.run import read_plan
+from dvemb.curate.selection import OnlineSelector, SelectingTrainee, SelectionDataModule, selection_table
 from dvemb.data.datamodule import TableDataset
-from dvemb.data.selection import OnlineSelector, SelectingTrainee, SelectionDataModule, selection_table
-from dvemb.models.loss import per_sample_cross_entropy
-from dvemb.models.registry import build_model
+from dvemb.runtask import data_info, task_of
 from dvemb.store.atomic import atomic_path, write_json
 from dvemb.store.rundir import RunDir
+from dvemb.task import Task
 from dvemb.types import ProjectionConfig
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,14 @@ class Variant:
     plan: SelectionPlan | None = None
 
 
-def evaluate(model: torch.nn.Module, table: str | Path | pa.Table, batch_size: int = 2048) -> dict[str, float]:
-    """Mean per-sample cross-entropy and accuracy of ``model`` on a features or text table.
+def evaluate(
+    task: Task, model: torch.nn.Module, table: str | Path | pa.Table, batch_size: int = 2048
+) -> dict[str, float]:
+    """Mean per-sample loss (the task's) and accuracy of ``model`` on a features or text table.
 
-    Text: a sample's loss is its token-mean cross-entropy (``per_sample_cross_entropy``) and its
-    accuracy the fraction of next tokens predicted; batches are capped at ``TEXT_EVAL_BATCH`` rows
-    (the logits are [B, S, vocab]).
+    Text: a sample's loss is its token-mean loss and its accuracy the fraction of next tokens predicted;
+    batches are capped at ``TEXT_EVAL_BATCH`` rows (the logits are [B, S, vocab]). Accuracy is NaN for a
+    task whose loss is not a cross-entropy of its logits.
     """
     ds = TableDataset(table if isinstance(table, pa.Table) else pq.read_table(table), next(model.parameters()).dtype)
     if ds.kind == "text":
@@ -61,10 +63,9 @@ def evaluate(model: torch.nn.Module, table: str | Path | pa.Table, batch_size: i
     with torch.no_grad():
         for i in range(0, len(ds), batch_size):
             b = ds.batch(np.arange(i, min(len(ds), i + batch_size)))
-            logits = model(b["x"])
-            loss += float(per_sample_cross_entropy(logits, b["y"]).sum())
-            hit = logits.argmax(-1) == b["y"]
-            correct += float(hit.reshape(len(hit), -1).double().mean(1).sum()) if hit.dim() > 1 else int(hit.sum())
+            loss += float(task.per_sample_loss(model, b).sum())
+            acc = task.per_sample_accuracy(model, b)
+            correct += float("nan") if acc is None else float(acc.sum())
     return {"loss": loss / max(1, len(ds)), "acc": correct / max(1, len(ds))}
 
 
@@ -80,13 +81,13 @@ def fit_variant(
 ) -> dict[str, float | int | str]:
     """Train ``variant`` with ``seed`` (model init and batch order); metrics on the source run's val/test.
 
-    MLP classifiers and the GPT (text tables; a sample's loss is its token-mean cross-entropy).
+    The source run's task builds the model and gives the per-sample loss (text: token mean).
     ``select_val``: the table online selection aligns with (default: the source run's validation
     table). ``eval_tables``: split name -> table to report ``<split>_loss`` / ``<split>_acc`` on
     (default: the source run's val and, when present, test).
     """
     start = time.perf_counter()
-    shape = source.meta()["model_shape"]
+    task = task_of(source, cfg)
     dtype = torch.float64 if cfg.train.precision == "64-true" else torch.float32
     dm = SelectionDataModule(
         variant.train,
@@ -97,22 +98,22 @@ def fit_variant(
         dtype=dtype,
     )
     L.seed_everything(seed, workers=True, verbose=False)
-    model = build_model(cfg.model, shape["d_in"], shape["n_out"], shape["block_size"]).to(dtype)
+    model = task.build_model(data_info(source)).to(dtype)
     selector = None
     if variant.plan is not None and "online" in variant.plan.uses:
         val = select_val if select_val is not None else source.data("val")
         val = val if isinstance(val, pa.Table) else pq.read_table(val)
         rows = np.sort(np.random.default_rng([seed, 0x7A1]).permutation(val.num_rows)[: variant.plan.val_samples])
-        vb = TableDataset(val.take(pa.array(rows)), dtype).batch(np.arange(len(rows)))
+        vds = TableDataset(val.take(pa.array(rows)), dtype)
         c = cfg.capture
         selector = OnlineSelector(
+            task,
             model,
-            vb["x"],
-            vb["y"],
+            vds.batch(np.arange(len(rows))),
             ProjectionConfig.of(c),
             c.layers,
             variant.plan.val_every,
-            val_chunk=TEXT_EVAL_BATCH if vb["x"].dim() > 1 and not vb["x"].is_floating_point() else None,
+            val_chunk=TEXT_EVAL_BATCH if vds.kind == "text" else None,
             stratify=variant.plan.stratify,
         )
     trainer = L.Trainer(
@@ -131,14 +132,14 @@ def fit_variant(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*bottleneck.*")
-        trainer.fit(SelectingTrainee(model, cfg.train, selector), datamodule=dm)
+        trainer.fit(SelectingTrainee(model, cfg.train, task, selector), datamodule=dm)
     if selector is not None:
         selector.remove()
     metrics: dict[str, float | int | str] = {"variant": variant.name, "seed": seed}
     if eval_tables is None:
         eval_tables = {s: source.data(s) for s in ("val", "test") if source.data(s).exists()}
     for split, table in eval_tables.items():
-        m = evaluate(model, table)
+        m = evaluate(task, model, table)
         metrics[f"{split}_loss"], metrics[f"{split}_acc"] = m["loss"], m["acc"]
     sampler = dm.train_sampler
     modes = [sampler.mode_of(t) for t in range(sampler.total_steps)]

@@ -4,6 +4,8 @@ Batches are dicts:
     * features: ``{"sample_id": LongTensor[B], "x": FloatTensor[B, d], "y": LongTensor[B]}``
     * text: ``{"sample_id": LongTensor[B], "x": LongTensor[B, S], "y": LongTensor[B, S]}``
       (``x = tokens[:, :-1]``, ``y = tokens[:, 1:]``)
+    * variable-length text: as text, right-padded to the batch's longest row (S = its length - 1),
+      plus ``"mask": BoolTensor[B, S]`` (True = a real target); padding has ``x`` = 0 and ``y`` = -100
 
 The training order of epoch ``e`` depends only on ``(seed, e)`` and is available in advance
 (``PlannedBatchSampler.plan`` / ``TableDataModule.planned_order``), so training can record it.
@@ -22,7 +24,16 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dvemb.data.tables import table_features, table_ids, table_kind, table_labels, table_tokens
+from dvemb.data.tables import (
+    IGNORE_INDEX,
+    is_ragged,
+    table_features,
+    table_ids,
+    table_kind,
+    table_labels,
+    table_token_lists,
+    table_tokens,
+)
 
 TableLike = pa.Table | str | os.PathLike[str]
 _SUBSET_SALT = 0x5B5E7  # keeps the subset draw independent of the epoch shuffles
@@ -67,7 +78,11 @@ class TableDataset(Dataset):
     def __init__(self, table: pa.Table, dtype: torch.dtype = torch.float32) -> None:
         self.kind = table_kind(table)
         self.sample_id = torch.from_numpy(table_ids(table).copy())
-        if self.kind == "text":
+        self.ragged = is_ragged(table)
+        if self.ragged:
+            values, offsets = table_token_lists(table)
+            self.values, self.offsets = torch.from_numpy(values.astype(np.int64)), offsets
+        elif self.kind == "text":
             self.tokens = torch.from_numpy(table_tokens(table).astype(np.int64))
         else:
             x = table_features(table)
@@ -77,9 +92,29 @@ class TableDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sample_id)
 
+    @property
+    def block_size(self) -> int | None:
+        """Longest input sequence (text: longest row - 1), None for features."""
+        if self.kind != "text":
+            return None
+        return int(np.diff(self.offsets).max()) - 1 if self.ragged else int(self.tokens.shape[1]) - 1
+
+    def _padded(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        starts, lengths = self.offsets[rows], np.diff(self.offsets)[rows]
+        s = int(lengths.max()) - 1
+        pos = np.arange(s + 1)
+        real = pos[None, :] < lengths[:, None]  # [B, S + 1]
+        tok = torch.zeros(len(rows), s + 1, dtype=torch.int64)
+        tok[torch.from_numpy(real)] = self.values[torch.from_numpy((starts[:, None] + pos[None, :])[real])]
+        mask = torch.from_numpy(real[:, 1:].copy())
+        y = tok[:, 1:].masked_fill(~mask, IGNORE_INDEX)
+        return {"x": tok[:, :-1], "y": y, "mask": mask}
+
     def batch(self, rows: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The batch dict for table rows ``rows``."""
         idx = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        if self.ragged:
+            return {"sample_id": self.sample_id[idx], **self._padded(np.asarray(rows, dtype=np.int64))}
         if self.kind == "text":
             t = self.tokens[idx]
             return {"sample_id": self.sample_id[idx], "x": t[:, :-1], "y": t[:, 1:]}

@@ -3,7 +3,8 @@
 Table contracts (one row per training sample):
     * features: ``sample_id`` int64, ``x`` FixedSizeList<float32>[d], ``label`` int64
       (pixels scaled to [0, 1]; sklearn digits divided by 16)
-    * text: ``sample_id`` int64, ``tokens`` FixedSizeList<int32>[block_size + 1] (GPT-2 ids);
+    * text: ``sample_id`` int64, ``tokens`` FixedSizeList<int32>[block_size + 1] (GPT-2 ids), or
+      List<int32> of varying length >= 2 per row (variable-length sequences, padded per batch);
       inputs are ``tokens[:-1]``, targets ``tokens[1:]``
 
 Split names are ``train``, ``val``, ``test``. ``sample_id`` is unique across all splits of a
@@ -27,6 +28,9 @@ from dvemb.store.atomic import save_npz_atomic, write_parquet_atomic
 
 SPLITS = ("train", "val", "test")
 SOURCES = ("mnist", "mnist5k", "digits", "shakespeare")
+GPT2_VOCAB = 50257
+IGNORE_INDEX = -100  # target of a padding position in a variable-length batch (masked out of the loss)
+SOURCE_CLASSES = {"mnist": 10, "mnist5k": 10, "digits": 10, "shakespeare": GPT2_VOCAB}  # classes / vocabulary
 TableKind = Literal["features", "text"]
 
 
@@ -49,8 +53,14 @@ def feature_table(x: np.ndarray, label: np.ndarray, sample_id: np.ndarray) -> pa
     )
 
 
-def text_table(tokens: np.ndarray, sample_id: np.ndarray) -> pa.Table:
-    """Text table from ``tokens`` [N, block_size + 1] (int) and ``sample_id`` [N]."""
+def text_table(tokens: np.ndarray | list[np.ndarray], sample_id: np.ndarray) -> pa.Table:
+    """Text table from ``tokens`` [N, block_size + 1] (int) and ``sample_id`` [N].
+
+    A list of 1-D token arrays of varying length gives a variable-length (List<int32>) ``tokens`` column.
+    """
+    if isinstance(tokens, list) and len({len(t) for t in tokens}) > 1:
+        column = pa.array([np.asarray(t, dtype=np.int32) for t in tokens], type=pa.list_(pa.int32()))
+        return pa.table({"sample_id": pa.array(np.asarray(sample_id, dtype=np.int64)), "tokens": column})
     tokens = np.ascontiguousarray(tokens, dtype=np.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be 2-D [N, block_size+1], got shape {tokens.shape}")
@@ -81,8 +91,26 @@ def table_features(table: pa.Table) -> np.ndarray:
 
 
 def table_tokens(table: pa.Table) -> np.ndarray:
-    """``tokens`` column as int32 [N, block_size + 1]."""
+    """``tokens`` column (fixed length) as int32 [N, block_size + 1]."""
     return _fixed_list_to_numpy(table, "tokens", np.int32)
+
+
+def is_ragged(table: pa.Table) -> bool:
+    """True for a text table whose ``tokens`` rows vary in length (a List, not a FixedSizeList column)."""
+    return "tokens" in table.column_names and not pa.types.is_fixed_size_list(table.schema.field("tokens").type)
+
+
+def table_token_lists(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """A variable-length ``tokens`` column as flat values int32 [sum of lengths] and offsets int64 [N + 1]."""
+    col = table.column("tokens").combine_chunks()
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    values = col.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+
+def token_lengths(table: pa.Table) -> np.ndarray:
+    """Tokens per row, int64 [N] (fixed-length tables: all equal)."""
+    return pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def table_labels(table: pa.Table) -> np.ndarray:
@@ -199,33 +227,38 @@ def _fail(source: str, msg: str) -> TableValidationError:
     return TableValidationError(f"{source}: {msg}")
 
 
-def _as_fixed_list(table: pa.Table, column: str, value_type: pa.DataType, source: str) -> pa.Array:
-    """Column ``column`` (list / fixed-size list of numbers) as FixedSizeList<value_type>."""
+def _as_fixed_list(
+    table: pa.Table, column: str, value_type: pa.DataType, source: str, ragged: bool = False
+) -> pa.Array:
+    """Column ``column`` (list / fixed-size list of numbers) as FixedSizeList<value_type>.
+
+    ragged: rows of different lengths are kept as List<value_type> instead of refused.
+    """
     col = table.column(column).combine_chunks()
     t = col.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
         raise _fail(source, f"column {column!r} must be a list of numbers, got {t}")
     if not (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)):
         raise _fail(source, f"column {column!r} must hold numbers, got {t.value_type}")
-    if pa.types.is_fixed_size_list(t):
-        width = t.list_size
-        values = col.flatten()
-    else:
-        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-        if len(lengths) and (lengths != lengths[0]).any():
-            bad = int(np.flatnonzero(lengths != lengths[0])[0])
-            raise _fail(
-                source,
-                f"column {column!r} lists must all have one length; row {bad} has {lengths[bad]}, "
-                f"row 0 has {lengths[0]}",
-            )
-        width = int(lengths[0]) if len(lengths) else 0
-        values = col.flatten()
+    values = col.flatten()
     if values.null_count:
         raise _fail(source, f"column {column!r} has {values.null_count} null values inside its lists")
     is_float = pa.types.is_floating(values.type)
     if is_float and not np.isfinite(values.to_numpy(zero_copy_only=False)).all():
         raise _fail(source, f"column {column!r} has NaN or Inf values")
+    if pa.types.is_fixed_size_list(t):
+        return pa.FixedSizeListArray.from_arrays(values.cast(value_type), t.list_size)
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths != lengths[0]).any():
+        if ragged:
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            return pa.ListArray.from_arrays(pa.array(offsets), values.cast(value_type))
+        bad = int(np.flatnonzero(lengths != lengths[0])[0])
+        raise _fail(
+            source,
+            f"column {column!r} lists must all have one length; row {bad} has {lengths[bad]}, row 0 has {lengths[0]}",
+        )
+    width = int(lengths[0]) if len(lengths) else 0
     return pa.FixedSizeListArray.from_arrays(values.cast(value_type), width)
 
 
@@ -268,9 +301,17 @@ def validate_table(
         )
     out = {"sample_id": pa.array(ids)}
     if kind == "text":
-        out["tokens"] = _as_fixed_list(table, "tokens", pa.int32(), source)
-        if out["tokens"].type.list_size < 2:
-            raise _fail(source, "column 'tokens' needs at least 2 tokens per row")
+        out["tokens"] = _as_fixed_list(table, "tokens", pa.int32(), source, ragged=True)
+        lengths = pc.list_value_length(out["tokens"]).to_numpy(zero_copy_only=False)
+        if len(lengths) and lengths.min() < 2:
+            row = int(np.argmin(lengths))
+            raise _fail(
+                source,
+                f"column 'tokens' needs at least 2 tokens per row; row {row} (sample_id {ids[row]}) has {lengths[row]}",
+            )
+        values = out["tokens"].flatten().to_numpy(zero_copy_only=False)
+        if len(values) and values.min() < 0:
+            raise _fail(source, f"column 'tokens' has negative token id {int(values.min())}")
     else:
         if feature_columns:
             for col in feature_columns:
@@ -307,6 +348,30 @@ def load_user_table(
     except (pa.ArrowException, OSError) as exc:
         raise TableValidationError(f"{p}: not a readable Parquet file: {exc}") from exc
     return validate_table(table, str(p), kind, feature_columns)
+
+
+def check_classes(table: pa.Table, n_classes: int, source: str = "<table>") -> None:
+    """Refuse a label (features) or token id (text) outside [0, n_classes), naming the row and sample_id."""
+    if "tokens" in table.column_names:
+        what, where = "token id", "the vocabulary size"
+        if is_ragged(table):
+            values, offsets = table_token_lists(table)
+            bad = np.flatnonzero((values >= n_classes) | (values < 0))
+            rows = np.searchsorted(offsets, bad, side="right") - 1
+        else:
+            tokens = table_tokens(table)
+            rows, cols = np.nonzero((tokens >= n_classes) | (tokens < 0))
+            values, bad = tokens.reshape(-1), rows * tokens.shape[1] + cols
+    else:
+        what, where = "label", "the number of classes"
+        values = table_labels(table)
+        bad = rows = np.flatnonzero((values >= n_classes) | (values < 0))
+    if len(bad):
+        row = int(rows[0])
+        raise TableValidationError(
+            f"{source}: row {row} (sample_id {int(table_ids(table)[row])}) has {what} {int(values[bad[0]])} outside "
+            f"[0, {n_classes}) ({len(np.unique(rows))} row(s) in all); set data.n_classes to {where}"
+        )
 
 
 # --------------------------------------------------------------------------- label noise
@@ -349,11 +414,15 @@ def corrupted_table(sample_ids: np.ndarray) -> pa.Table:
 
 
 __all__ = [
+    "GPT2_VOCAB",
     "SOURCES",
+    "SOURCE_CLASSES",
     "SPLITS",
+    "check_classes",
     "corrupted_table",
     "feature_table",
     "flip_labels",
+    "is_ragged",
     "load_source",
     "load_user_table",
     "shakespeare_tokens",
@@ -362,9 +431,11 @@ __all__ = [
     "table_ids",
     "table_kind",
     "table_labels",
+    "table_token_lists",
     "table_tokens",
     "text_blocks",
     "text_table",
+    "token_lengths",
     "validate_table",
     "write_parquet_atomic",
     "write_splits",

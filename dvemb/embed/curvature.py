@@ -13,9 +13,11 @@ drawn from ``p_z`` with coefficients ``w_z / k`` ("fisher_mc", unbiased). The em
 The vectors must be formed at the pre-update parameters theta_t of each step, so they are captured
 during training (see :class:`dvemb.capture.callback.GradientLogger`) and stored beside the gradients
 in ``grads/curv-seg-XXXX-rank-R.arrow`` (kind "curvature", one row per (sample, label), ``weight`` =
-coef). ``grad l_z(c)`` w.r.t. the logits is ``p_z - e_c`` (divided by S for a mean over S tokens),
-so one forward pass and one backward pass per label (to the tracked layers' outputs only, never
-into ``.grad``) give the vectors.
+coef). ``grad l_z(c)`` w.r.t. the logits is ``p_z - e_c`` (for a token mean: times m_s / sum(m) at
+token s, m the task's mask, all ones without one), so one forward pass and one backward pass per
+label (to the tracked layers' outputs only, never into ``.grad``) give the vectors. The logits come
+from the task (``task.logits(model, batch)``); a task whose loss is not a cross-entropy of its
+logits is refused (TaskError).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dvemb.embed.segments import CurvatureFn
 from dvemb.errors import CaptureError, StoreError
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir
+from dvemb.task import Batch, Task
 from dvemb.types import StepGrads
 
 CURVATURES = ("empirical", "fisher", "fisher_mc")
@@ -63,12 +66,13 @@ def paused(capture: GradientCapture) -> Iterator[None]:
 
 
 def _label_grads(
-    logits: torch.Tensor, mode: str, k: int, generator: torch.Generator | None
+    logits: torch.Tensor, mode: str, k: int, generator: torch.Generator | None, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """d l(label)/d logits for every curvature row, and the per-row factor of the coefficient.
 
-    logits [B, C] or [B, S, C]. Returns G [R, B, ...logits shape[1:]] (R labels per sample) and
-    factor [B, R] (p_{z,c} for "fisher", 1/k for "fisher_mc").
+    logits [B, C] or [B, S, C] (mask [B, S]: the tokens the loss averages over; None = all). Returns
+    G [R, B, ...logits shape[1:]] (R labels per sample) and factor [B, R] (p_{z,c} for "fisher", 1/k
+    for "fisher_mc").
     """
     p = torch.softmax(logits.detach().to(torch.float64), dim=-1)
     n_classes = logits.shape[-1]
@@ -90,8 +94,9 @@ def _label_grads(
         labels = torch.multinomial(flat.cpu(), k, replacement=True, generator=generator).to(p.device)  # [B*S, k]
         onehot = torch.nn.functional.one_hot(labels.T, n_classes).to(p.dtype)  # [k, B*S, C]
         g = (flat[None] - onehot).reshape(k, *p.shape)
-        if logits.dim() == 3:
-            g = g / logits.shape[1]  # l_z is the mean over tokens
+        if logits.dim() == 3:  # l_z is the mean over its (masked) tokens
+            m = torch.ones(p.shape[:2], dtype=p.dtype, device=p.device) if mask is None else mask.to(p)
+            g = g * (m / m.sum(1, keepdim=True).clamp_min(1.0))[None, :, :, None]
         return g.to(logits.dtype), torch.full((logits.shape[0], k), 1.0 / k, dtype=torch.float64)
     raise ValueError(f"curvature mode {mode!r}: choose 'fisher' or 'fisher_mc'")
 
@@ -123,14 +128,26 @@ def _backward(logits, outputs, chunk, calls, capture) -> dict[str, torch.Tensor]
     return out
 
 
+class _Logits(nn.Module):
+    """``task.logits(model, batch)`` as a module, so ``functional_call`` can swap the model's parameters."""
+
+    def __init__(self, task: Task, model: nn.Module) -> None:
+        super().__init__()
+        self.task, self.model = task, model
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.task.logits(self.model, batch)
+
+
 def fisher_vectors(
     model: nn.Module,
     capture: GradientCapture,
-    x: torch.Tensor,
+    batch: Batch | torch.Tensor,
     weights: torch.Tensor | float,
     mode: str = "fisher",
     k: int = 1,
     *,
+    task: Task | None = None,
     params: dict[str, torch.Tensor] | None = None,
     sample_ids: torch.Tensor | Sequence[int] | None = None,
     step: int = -1,
@@ -138,14 +155,15 @@ def fisher_vectors(
 ) -> StepGrads:
     """Curvature vectors of one micro-batch, projected with ``capture``'s projections.
 
-    x: the inputs [B, ...]; weights: w_z (scalar or [B]); params: evaluate at these parameters
-    (``functional_call``), default the model's own. Returns a StepGrads with one row per
+    batch: the micro-batch dict (or its inputs ``x`` [B, ...] alone); task: gives the logits and mask
+    (default ``Task()``: ``model(batch["x"])``); weights: w_z (scalar or [B]); params: evaluate at these
+    parameters (``functional_call``), default the model's own. Returns a StepGrads with one row per
     (sample, label), sample-major: ``grads`` = f_{z,c}, ``weights`` = coef (w_z p_{z,c} or w_z / k).
     Never touches parameter ``.grad``; ``capture`` itself records nothing meanwhile.
     """
-    n = x.shape[0]
-    ids = torch.arange(n) if sample_ids is None else torch.as_tensor(sample_ids, dtype=torch.int64).cpu()
-    w = torch.as_tensor(weights, dtype=torch.float64).cpu().expand(n)
+    task = task if task is not None else Task()
+    task.require_logits(f"curvature {mode!r}")
+    batch = {"x": batch} if isinstance(batch, torch.Tensor) else batch
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in capture.tracked}
 
     def hook_for(name: str):
@@ -158,18 +176,21 @@ def fisher_vectors(
     try:
         with paused(capture), torch.enable_grad():
             if params is None:
-                logits = model(x)
+                logits = task.logits(model, batch)
             else:
-                p = {key: v.detach().requires_grad_(True) for key, v in params.items()}
-                logits = functional_call(model, p, (x,))
+                p = {f"model.{key}": v.detach().requires_grad_(True) for key, v in params.items()}
+                logits = functional_call(_Logits(task, model), p, (batch,))
     finally:
         for h in handles:
             h.remove()
+    n = logits.shape[0]
+    ids = torch.arange(n) if sample_ids is None else torch.as_tensor(sample_ids, dtype=torch.int64).cpu()
+    w = torch.as_tensor(weights, dtype=torch.float64).cpu().expand(n)
     missing = [name for name, c in calls.items() if not c or not c[0][1].requires_grad]
     if missing:
         raise CaptureError(f"curvature: layers {missing} did not take part in the forward pass with gradients")
     outputs = [o for c in calls.values() for _, o in c]
-    label_grads, factor = _label_grads(logits, mode, k, generator)
+    label_grads, factor = _label_grads(logits, mode, k, generator, task.mask(batch))
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in calls}
     for lo in range(0, label_grads.shape[0], ROWS_PER_PASS):
         chunk = label_grads[lo : lo + ROWS_PER_PASS]

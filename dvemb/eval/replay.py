@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dvemb.embed.segments import Schedule
-from dvemb.models.loss import per_sample_cross_entropy
+from dvemb.task import masked_cross_entropy as per_sample_cross_entropy
 
 Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -6,6 +6,7 @@ import polars as pl
 import torch
 
 from dvemb.capture.hooks import GradientCapture
+from dvemb.checks import finite_frame
 from dvemb.config import RunConfig
 from dvemb.curate.run import run_phases
 from dvemb.curate.values import value_table
@@ -13,37 +14,31 @@ from dvemb.data import TableDataModule
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.run import DTYPES, load_embeddings
-from dvemb.models.registry import build_model
+from dvemb.runtask import model_at, task_of
+from dvemb.score.exact import exact_occurrences
 from dvemb.score.scores import occurrence_table, segment_scores
 from dvemb.score.validation import validation_gradients
 from dvemb.store.atomic import atomic_path
 from dvemb.store.gradstore import read_projection, read_segment
-from dvemb.store.rundir import RunDir, load_tensors
+from dvemb.store.rundir import RunDir
 from dvemb.store.trajectory import read_schedule, read_steps
 from dvemb.types import ProjectionConfig
 
 
-def model_at(run: RunDir, cfg: RunConfig, step: int) -> torch.nn.Module:
-    """The model with the weights of checkpoint ``step``."""
-    shape = run.meta()["model_shape"]
-    model = build_model(cfg.model, shape["d_in"], shape["n_out"], shape["block_size"])
-    state = load_tensors(run.checkpoint(step))
-    model = model.to(next(iter(state.values())).dtype)  # before loading: an fp32 model would round fp64 weights
-    model.load_state_dict(state)
-    return model
-
-
 def val_vectors(run: RunDir, cfg: RunConfig, step: int, batch_size: int = 512) -> dict[str, torch.Tensor]:
     """Projected gradient of the mean validation loss at checkpoint ``step``: layer -> [1, D]."""
-    model = model_at(run, cfg, step)
+    task = task_of(run, cfg)
+    model = model_at(run, step, task)
     c = cfg.capture
     cap = GradientCapture(model, ProjectionConfig.of(c), c.layers)
     dtype = next(model.parameters()).dtype
     dm = TableDataModule(run.data("val"), batch_size=batch_size, shuffle=False, dtype=dtype)
     ds = dm.datasets["train"]
-    batches = [(b["x"], b["y"]) for b in (ds.batch(rows) for rows in dm.train_sampler.plan(0))]
+    batches = (ds.batch(rows) for rows in dm.train_sampler.plan(0))
     n = len(ds)
-    sums = validation_gradients(model, cap, batches, reduce=False, store_projection=read_projection(run.projection))
+    sums = validation_gradients(
+        task, model, cap, batches, reduce=False, store_projection=read_projection(run.projection)
+    )
     cap.remove()
     return {k: v.sum(0, keepdim=True) / n for k, v in sums.items()}
 
@@ -56,7 +51,9 @@ def score(run: RunDir, cfg: RunConfig) -> str:
     checkpoints = range(1, k + 1) if cfg.score.checkpoints else [k]
     dtype, device = DTYPES[cfg.embed.dtype], cfg.embed.device
     tables = []
-    if cfg.score.mode == "embedding":
+    if cfg.score.mode == "exact":
+        tables.append(exact_occurrences(run, cfg))
+    elif cfg.score.mode == "embedding":
         local, props = load_embeddings(run, device)
         steps_of = [e for seg in local for e in seg]
         for m in checkpoints:
@@ -78,7 +75,9 @@ def score(run: RunDir, cfg: RunConfig) -> str:
         .join(epochs, on="step", how="left")
         .select("sample_id", "step", "epoch", "score", "checkpoint")
     )
+    finite_frame(occ, "scores")
     samples = value_table(occ, run_phases(run, cfg.curate, occ))
+    finite_frame(samples, "per-sample values")
     for df, path in ((occ.sort("checkpoint", "step", "sample_id"), run.occurrences), (samples, run.samples)):
         with atomic_path(path) as tmp:
             df.write_parquet(tmp)

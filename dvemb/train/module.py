@@ -1,7 +1,9 @@
-"""The LightningModule: per-sample cross-entropy, SGD/AdamW, warmup + cosine schedule."""
+"""The LightningModule: the task's per-sample loss reduced (mean / sum), SGD/AdamW with decay / no-decay
+param groups, warmup + cosine schedule, global-norm clipping."""
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 
@@ -10,7 +12,7 @@ import torch
 from torch import nn
 
 from dvemb.config import TrainConfig
-from dvemb.models.loss import per_sample_cross_entropy
+from dvemb.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +27,40 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
-class Trainee(L.LightningModule):
-    """Wraps ``model`` (kept as ``.model`` so the capture can find its layers)."""
+def param_groups(model: nn.Module, cfg: TrainConfig, no_decay: list[str] = ()) -> list[dict]:
+    """nanoGPT-style optimizer groups over ``model.named_parameters()`` (names without a prefix).
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig):
+    Without no-decay patterns (``cfg.no_decay`` + the task's ``no_decay``): one group ``decay``. With
+    them: ``[decay, no_decay]`` (group 0 decays with ``cfg.weight_decay``, group 1 has none), each in
+    parameter order. A group's LR is ``cfg.lr * cfg.group_lr[name]`` (default multiplier 1). Each group
+    holds ``(name, parameter)`` pairs, so the optimizer records ``param_names``.
+    """
+    patterns = [*cfg.no_decay, *no_decay]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    skip = {n for n, _ in named if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named):
+            log.warning("no_decay pattern %r matches no parameter", pat)
+    groups = [("decay", [(n, p) for n, p in named if n not in skip], cfg.weight_decay)]
+    if patterns:
+        groups.append(("no_decay", [(n, p) for n, p in named if n in skip], 0.0))
+    return [
+        {"name": name, "params": params, "weight_decay": wd, "lr": cfg.lr * cfg.group_lr.get(name, 1.0)}
+        for name, params, wd in groups
+    ]
+
+
+class Trainee(L.LightningModule):
+    """Wraps ``model`` (kept as ``.model`` so the capture can find its layers) and its ``task``.
+
+    task: gives the per-sample loss [B] of a batch; None = the base :class:`~dvemb.task.Task`
+    (cross-entropy of ``model(batch["x"])`` against ``batch["y"]``).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, task: Task | None = None):
         super().__init__()
         self.model, self.cfg = model, cfg
+        self.task = task if task is not None else Task()
         self.clip_factor = 1.0  # of the last optimizer step: the update was lr * clip_factor * gradient
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -45,26 +75,27 @@ class Trainee(L.LightningModule):
         self.clip_factor = min(1.0, self.cfg.grad_clip / (norm + 1e-6)) if math.isfinite(norm) else 0.0
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        losses = per_sample_cross_entropy(self.model(batch["x"]), batch["y"])
+        losses = self.task.per_sample_loss(self.model, batch)
         return losses.mean() if self.cfg.reduction == "mean" else losses.sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("train_loss", loss.detach(), prog_bar=True, batch_size=len(batch["sample_id"]))
+        self.log("train_loss", loss.detach(), prog_bar=True, batch_size=len(self.task.sample_ids(batch)))
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self._loss(batch), prog_bar=True, batch_size=len(batch["sample_id"]))
+        self.log("val_loss", self._loss(batch), prog_bar=True, batch_size=len(self.task.sample_ids(batch)))
 
     def configure_optimizers(self):
         c = self.cfg
+        groups = param_groups(self.model, c, self.task.no_decay(self.model))
         if c.optimizer == "adamw":
             log.warning("AdamW: data value embeddings treat the run as SGD with the recorded LR (the paper's proxy)")
-            opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+            opt = torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
         else:
             if c.momentum:
                 log.warning("SGD momentum %.2f: embeddings assume plain SGD (momentum is ignored)", c.momentum)
-            opt = torch.optim.SGD(self.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+            opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, c.warmup_steps, c.schedule))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,60 +1,123 @@
-"""Stage ``train``: data tables -> Lightning training with GradientLogger -> a filled run directory."""
+"""Stage ``train``: the task's data -> Lightning training with GradientLogger -> a filled run directory.
+
+Everything that can be refused is checked before the run directory is touched: the task resolves
+and builds its model, the tables pass validation (labels / token ids inside ``n_classes``), and a dry
+forward pass on the first training batch gives a finite per-sample loss [B] with unique sample ids.
+"""
 
 from __future__ import annotations
 
 import logging
 import platform
+from dataclasses import dataclass, replace
 
 import lightning as L
+import numpy as np
 import pyarrow as pa
 import torch
+from torch import nn
 
 import dvemb
 from dvemb.capture.callback import GradientLogger
-from dvemb.config import RunConfig
+from dvemb.checks import check_loss_trajectory, check_tables, table_files
+from dvemb.config import ConfigError, RunConfig
 from dvemb.data import TableDataModule, corrupted_table, flip_labels, load_source, load_user_table, write_splits
-from dvemb.models.registry import build_model
+from dvemb.data.hf import load_hf
+from dvemb.data.tables import (
+    GPT2_VOCAB,
+    SOURCE_CLASSES,
+    check_classes,
+    table_features,
+    token_lengths,
+    validate_table,
+)
 from dvemb.store.atomic import write_parquet_atomic
 from dvemb.store.rundir import RunDir
+from dvemb.task import DataInfo, Task, TaskError, check_batch, load_task
 from dvemb.train.module import Trainee
 from dvemb.types import ProjectionConfig
 
 log = logging.getLogger(__name__)
 
 
-def prepare_data(cfg: RunConfig, run: RunDir) -> dict[str, pa.Table]:
-    """Build the train/val/test tables of the run (noise injected, subset applied) into RUN/data/."""
+@dataclass
+class Prepared:
+    """The run's tables as trained on (noise injected, subsets applied), what the model must fit, and the
+    sample ids whose labels were flipped on purpose (None without label noise)."""
+
+    tables: dict[str, pa.Table]
+    info: DataInfo
+    corrupted: np.ndarray | None = None
+
+
+def source_tables(cfg: RunConfig, task: Task) -> tuple[dict[str, pa.Table], int | None]:
+    """train / val [/ test] tables: the task's own (validated), a user Parquet / HF dataset, or a built-in
+    source; and the source's number of classes (vocabulary for text) where it knows it."""
     d = cfg.data
-    if d.source == "parquet":
-        tables = {"train": load_user_table(d.train_path)}
+    own = task.tables(cfg)
+    if own is not None:
+        if not isinstance(own, dict) or "train" not in own:
+            raise TaskError(f"task {task.name!r}: tables(cfg) must return a dict with 'train' and 'val' tables")
+        tables = {k: validate_table(t, f"task {task.name!r}: tables(cfg)[{k!r}]") for k, t in own.items()}
+        where = f"task {task.name!r}: tables(cfg)"
+    elif d.source in ("parquet", "hf"):
+        load = load_user_table if d.source == "parquet" else lambda p: load_hf(p)["train"]
+        tables = load_hf(d.train_path) if d.source == "hf" else {"train": load_user_table(d.train_path)}
         for split, p in (("val", d.val_path), ("test", d.test_path)):
             if p:
-                tables[split] = load_user_table(p)
-        if "val" not in tables:
-            raise ValueError("data.val_path: a user Parquet run needs a validation table")
+                tables[split] = load(p)
+        where = "data.val_path"
     else:
         tables = load_source(d.source, seed=d.seed, val_fraction=d.val_fraction, block_size=d.block_size)
-    dm = TableDataModule(tables["train"], batch_size=d.batch_size, seed=d.seed, subset=d.subset)
-    tables["train"] = dm.tables["train"]
+        return tables, SOURCE_CLASSES[d.source]
+    if "val" not in tables:
+        raise ConfigError(f"{where}: a run needs a validation table (val)")
+    return tables, None
+
+
+def data_info(table: pa.Table, n_out: int) -> DataInfo:
+    """What a model of ``table``'s kind must fit (``n_out``: classes or vocabulary; 0 = not known)."""
+    if "tokens" in table.column_names:
+        return DataInfo("text", 0, n_out, int(token_lengths(table).max()) - 1)
+    return DataInfo("features", int(table_features(table).shape[1]), n_out)
+
+
+def prepare_data(cfg: RunConfig, task: Task) -> Prepared:
+    """The run's tables in memory: validated, subsets applied, classes checked, label noise injected."""
+    d = cfg.data
+    tables, source_classes = source_tables(cfg, task)
+    tables["train"] = TableDataModule(tables["train"], batch_size=d.batch_size, seed=d.seed, subset=d.subset).tables[
+        "train"
+    ]
     for split in ("val", "test"):
         if split in tables and d.eval_subset:
             tables[split] = TableDataModule(tables[split], subset=d.eval_subset, seed=d.seed).tables["train"]
+    check_tables(tables, table_files(d))
+    info = data_info(tables["train"], d.n_classes or source_classes or 0)
+    if info.kind == "text" and not info.n_out:
+        info = replace(info, n_out=GPT2_VOCAB)  # token tables are GPT-2 ids unless data.n_classes says otherwise
+    n = task.n_classes(info)
+    if not n:
+        raise ConfigError(
+            f"data.n_classes: the number of {'classes' if info.kind == 'features' else 'tokens in the vocabulary'} "
+            f"of this {info.kind} table is not known; set data.n_classes (or override n_classes in task {task.name!r})"
+        )
+    info = replace(info, n_out=int(n))
+    for split, t in tables.items():
+        check_classes(t, info.n_out, f"{split} table")
+    corrupted = None
     if d.label_noise > 0:
-        tables["train"], ids = flip_labels(tables["train"], d.label_noise, seed=d.seed, kind=d.label_noise_kind)
-        write_parquet_atomic(corrupted_table(ids), run.corrupted)
-    write_splits({k: v for k, v in tables.items() if v.num_rows}, run.root / "data")
-    return tables
+        tables["train"], corrupted = flip_labels(
+            tables["train"], d.label_noise, seed=d.seed, num_classes=info.n_out, kind=d.label_noise_kind
+        )
+    return Prepared({k: v for k, v in tables.items() if v.num_rows}, info, corrupted)
 
 
-GPT2_VOCAB = 50257
-
-
-def model_shape(datamodule: TableDataModule) -> dict:
-    """d_in / n_out / block_size of the model the data needs (recorded in run.json)."""
-    ds = datamodule.datasets["train"]
-    if datamodule.kind == "text":
-        return {"d_in": 0, "n_out": GPT2_VOCAB, "block_size": int(ds.tokens.shape[1]) - 1}
-    return {"d_in": int(ds.x.shape[1]), "n_out": max(10, int(ds.y.max()) + 1), "block_size": None}
+def write_data(prepared: Prepared, run: RunDir) -> None:
+    """RUN/data/<split>.parquet (and corrupted.parquet with label noise)."""
+    if prepared.corrupted is not None:
+        write_parquet_atomic(corrupted_table(prepared.corrupted), run.corrupted)
+    write_splits(prepared.tables, run.root / "data")
 
 
 def make_datamodule(cfg: RunConfig, run: RunDir) -> TableDataModule:
@@ -71,8 +134,40 @@ def make_datamodule(cfg: RunConfig, run: RunDir) -> TableDataModule:
     )
 
 
+def build_model(cfg: RunConfig, task: Task, info: DataInfo) -> nn.Module:
+    """The task's freshly initialised model (seeded with ``task.init_seed()``), in the training precision."""
+    L.seed_everything(task.init_seed(), workers=True, verbose=False)
+    try:
+        model = task.build_model(info)
+    except TaskError:
+        raise
+    except Exception as e:  # noqa: BLE001 - user code: name the method that failed
+        raise TaskError(f"task {task.name!r}: build_model(info) failed ({type(e).__name__}: {e}) for {info}") from e
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"task {task.name!r}: build_model(info) must return a torch.nn.Module, got {type(model)}")
+    return model.double() if cfg.train.precision == "64-true" else model
+
+
+def preflight(cfg: RunConfig, task: Task, model: nn.Module, prepared: Prepared) -> None:
+    """Forward only, on the first training batch: what the task gives is checked before anything is written."""
+    dtype = torch.float64 if cfg.train.precision == "64-true" else torch.float32
+    dm = TableDataModule(prepared.tables["train"], batch_size=cfg.data.batch_size, seed=cfg.data.seed, dtype=dtype)
+    batch = dm.datasets["train"].batch(dm.train_sampler.plan(0)[0])
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]):  # the training run draws the same random numbers as without it
+        model.eval()  # no dropout, no batch-norm statistics updated
+        try:
+            check_batch(task, model, batch)
+        finally:
+            model.train(was_training)
+
+
 def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = True) -> RunDir:
     """Train ``cfg`` into ``run`` (created; never overwritten unless ``force``)."""
+    task = load_task(cfg)
+    prepared = prepare_data(cfg, task)
+    model = build_model(cfg, task, prepared.info)
+    preflight(cfg, task, model, prepared)
     run.create(force=force)
     run.update_meta(
         config=cfg.model_dump(mode="json"),
@@ -83,15 +178,10 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
             "lightning": L.__version__,
             "python": platform.python_version(),
         },
+        model_shape=prepared.info.as_dict(),
     )
-    prepare_data(cfg, run)
+    write_data(prepared, run)
     dm = make_datamodule(cfg, run)
-    shape = model_shape(dm)
-    run.update_meta(model_shape=shape)
-    L.seed_everything(cfg.model.seed, workers=True, verbose=False)
-    model = build_model(cfg.model, shape["d_in"], shape["n_out"], shape["block_size"])
-    if cfg.train.precision == "64-true":
-        model = model.double()
     logger = GradientLogger(
         run,
         ProjectionConfig.of(cfg.capture),
@@ -116,5 +206,6 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
         deterministic=True,
         default_root_dir=str(run.root),
     )
-    trainer.fit(Trainee(model, cfg.train), datamodule=dm)
+    trainer.fit(Trainee(model, cfg.train, task), datamodule=dm)
+    check_loss_trajectory(run)
     return run

@@ -25,7 +25,7 @@ from dvemb.capture.hooks import GradientCapture
 from dvemb.config import TrainConfig
 from dvemb.curate.plan import MODES, SelectionPlan
 from dvemb.data.datamodule import TableDataModule, TableDataset, TableLike, _identity
-from dvemb.models.loss import per_sample_cross_entropy
+from dvemb.task import Batch, Task
 from dvemb.train.module import Trainee
 from dvemb.types import ProjectionConfig
 
@@ -270,20 +270,21 @@ class SelectionDataModule(TableDataModule):
 
 class OnlineSelector:
     """Scores a candidate pool by <P grad l_z, P grad l_val(theta_t)> and keeps the top k (ties: lower sample_id);
-    with ``stratify`` each label keeps its share of the pool (:func:`top_k`)."""
+    with ``stratify`` each label keeps its share of the pool (:func:`top_k`). Losses are the task's
+    ``per_sample_loss``; ``val`` is the validation batch dict (with ``sample_id``)."""
 
     def __init__(
         self,
+        task: Task,
         model: nn.Module,
-        val_x: torch.Tensor,
-        val_y: torch.Tensor,
+        val: Batch,
         projection: ProjectionConfig = ProjectionConfig(),
         layers: str | list[str] | None = None,
         val_every: int = 1,
         val_chunk: int | None = None,
         stratify: bool = False,
     ) -> None:
-        self.model, self.val_x, self.val_y, self.val_every = model, val_x, val_y, val_every
+        self.task, self.model, self.val, self.val_every = task, model, val, val_every
         self.stratify = stratify
         self.val_chunk = val_chunk  # rows per forward/backward of the validation gradient (None: all at once)
         self.capture = GradientCapture(model, projection, layers)
@@ -292,48 +293,51 @@ class OnlineSelector:
         self._calls = 0
         self.rows: list[pl.DataFrame] = []
 
-    def _grads(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+    def _grads(self, batch: Batch, scale: float) -> dict[str, torch.Tensor]:
         """Per-sample projected gradients of ``scale * l_z`` (never touches ``.grad``)."""
-        with self.capture.micro_batch(torch.arange(len(x)), weight=scale):
-            loss = per_sample_cross_entropy(self.model(x), y).sum() * scale
+        n = len(self.task.sample_ids(batch))
+        with self.capture.micro_batch(torch.arange(n), weight=scale):
+            loss = self.task.per_sample_loss(self.model, batch).sum() * scale
             torch.autograd.grad(loss, self._weights)
         return self.capture.collect(step=-1).grads
 
     def validation_vector(self) -> dict[str, torch.Tensor]:
         """Projected gradient of the mean validation loss at the current parameters: layer -> [D]."""
-        n = len(self.val_x)
+        n = len(self.task.sample_ids(self.val))
         step = self.val_chunk or n
         out: dict[str, torch.Tensor] = {}
         for i in range(0, n, step):  # chunks bound the memory of [rows, S, vocab] logits for text
-            g = self._grads(self.val_x[i : i + step], self.val_y[i : i + step], 1.0 / n)
+            g = self._grads(rows_of(self.val, slice(i, i + step)), 1.0 / n)
             for k, v in g.items():
                 out[k] = v.sum(0) if k not in out else out[k] + v.sum(0)
         return out
 
-    def scores(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def scores(self, batch: Batch) -> torch.Tensor:
+        """[B] float64 alignment of every sample of ``batch`` with the validation gradient."""
         if self._v is None or self._calls % self.val_every == 0:
             self._v = self.validation_vector()
         self._calls += 1
-        g = self._grads(x, y, 1.0)
+        g = self._grads(batch, 1.0)
         return sum(g[k].to(torch.float64) @ v.to(torch.float64) for k, v in self._v.items())
 
-    def select(self, batch: dict[str, torch.Tensor], step: int, epoch: int) -> dict[str, torch.Tensor]:
+    def select(self, batch: Batch, step: int, epoch: int) -> Batch:
         """The k best of the pool in ``batch`` (a dict with ``select_k``); records the pool."""
         k = int(batch["select_k"])
+        pool = {name: v for name, v in batch.items() if name not in ("select_k", "step")}
         with torch.enable_grad():
-            s = self.scores(batch["x"], batch["y"]).cpu().numpy()
-        ids = batch["sample_id"].cpu().numpy()
+            s = self.scores(pool).cpu().numpy()
+        ids = self.task.sample_ids(pool).cpu().numpy()
         labels = None
         if self.stratify:
-            if batch["y"].dim() != 1:
+            y = self.task.targets(pool)
+            if y.dim() != 1:
                 raise ValueError("stratified selection needs one class label per sample (not token targets)")
-            labels = batch["y"].cpu().numpy()
+            labels = y.cpu().numpy()
         keep = top_k(s, ids, k, labels)
         sel = np.zeros(len(ids), dtype=bool)
         sel[keep] = True
         self.rows.append(_record(step, epoch, "online", ids, s, sel))
-        idx = torch.as_tensor(keep)
-        return {name: batch[name][idx] for name in ("sample_id", "x", "y")}
+        return rows_of(pool, torch.as_tensor(keep))
 
     def record(self) -> pl.DataFrame:
         return _concat(self.rows)
@@ -342,11 +346,18 @@ class OnlineSelector:
         self.capture.remove()
 
 
+def rows_of(batch: Batch, rows: slice | torch.Tensor) -> Batch:
+    """The sub-batch of ``rows`` (every tensor of the batch dict is indexed along its first dimension)."""
+    return {name: v[rows] for name, v in batch.items()}
+
+
 class SelectingTrainee(Trainee):
     """Trainee that runs online selection on pool batches (those carrying ``select_k``)."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, selector: OnlineSelector | None = None):
-        super().__init__(model, cfg)
+    def __init__(
+        self, model: nn.Module, cfg: TrainConfig, task: Task | None = None, selector: OnlineSelector | None = None
+    ):
+        super().__init__(model, cfg, task)
         self.selector = selector
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -372,6 +383,7 @@ __all__ = [
     "SelectingTrainee",
     "SelectionDataModule",
     "StepPlan",
+    "rows_of",
     "selection_table",
     "top_k",
 ]
