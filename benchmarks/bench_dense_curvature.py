@@ -1,6 +1,6 @@
 """Which curvature would be exact? Dense per-step matrices on the digits MLP (2410 parameters, fp64).
 
-The DVEmb recursion is exact given H_t (DESIGN §2); what limits fidelity is the curvature it uses.
+The DVEmb recursion is exact given H_t (docs/DESIGN.md §4); what limits fidelity is the curvature it uses.
 Here every step's full 2410 x 2410 matrix is formed with ``torch.func`` and the validation gradient is
 propagated backward through ``A_t = I - eta_t H_t`` (direct, validation-first scoring), for:
 

@@ -79,7 +79,7 @@ DATASETS = {
         d_in=64,
         n_train=1000,
         n_val=300,
-        # long: lr where the empirical Fisher lands near the paper's anchor (0.74, DESIGN §2);
+        # long: lr where the empirical Fisher lands near the paper's anchor (0.74 in an earlier measurement);
         # long-lr0.3: a harsher stress regime (larger steps, sharper curvature changes)
         regimes={"short": (3, 0.07), "long": (10, 0.2), "long-lr0.3": (10, 0.3)},
         n_points=320,

@@ -1,6 +1,6 @@
 """The per-sample value table (scores/samples.parquet) and the training phases it is split by.
 
-A sample's *value* is the summed score of its occurrences (DIT all-epoch removal, DESIGN §2):
+A sample's *value* is the summed score of its occurrences (DIT all-epoch removal, docs/DESIGN.md §9):
 positive = it helped the validation loss. The table breaks the value down by epoch, by training
 phase (early / middle / late) and by checkpoint (the value measured on the model at an
 intermediate influence checkpoint, from the occurrences before it).

@@ -1,6 +1,6 @@
 """Curvature options for the backward recursion: empirical Fisher, true Fisher (GGN), Monte-Carlo Fisher.
 
-For softmax cross-entropy the true Fisher equals the Gauss-Newton matrix (DESIGN §2, "Better curvature"):
+For softmax cross-entropy the true Fisher equals the Gauss-Newton matrix (docs/DESIGN.md §5):
 
     H_t ≈ sum_z w_z sum_c p_{z,c} grad l_z(c) grad l_z(c)^T
 

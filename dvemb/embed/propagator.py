@@ -1,6 +1,6 @@
 """The propagator ``Q = alpha*I - M`` per layer, and one step of the backward recursion.
 
-Per layer (block-diagonal curvature), processing steps t = T-1 … 0 (DESIGN §2):
+Per layer (block-diagonal curvature), processing steps t = T-1 … 0 (docs/DESIGN.md §4):
     e_z = eta_t (alpha I - M) g_z          the data value embeddings of step t
     alpha <- c_t alpha,  M <- c_t M + sum_j beta_j e^f_j f_j^T      (c_t = 1 - eta_t * lambda_t)
 where the curvature H_t = sum_j beta_j f_j f_j^T; the empirical Fisher uses f = g, beta = 1/w.

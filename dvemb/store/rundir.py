@@ -1,4 +1,4 @@
-"""The run directory (DESIGN §3): one place that knows every path, and what a stage left missing."""
+"""The run directory (docs/RUN_DIRECTORY.md): one place that knows every path, and what a stage left missing."""
 
 from __future__ import annotations
 
