@@ -30,7 +30,7 @@ console = Console(stderr=True, soft_wrap=True)
 Sets = Annotated[list[str], typer.Option("--set", help="override a config field: key.path=value")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite an existing run directory")]
 DEBUG_HINT = "re-run with --debug for the traceback"
-_debug = {"on": os.environ.get("DVEMB_DEBUG", "") not in ("", "0")}
+_debug = {"on": False}  # set by every invocation (--debug or DVEMB_DEBUG=1)
 
 
 def _fail(msg: str, code: int) -> typer.Exit:
@@ -85,8 +85,7 @@ def _setup(
         format="%(levelname)s %(name)s: %(message)s",
         force=True,  # this invocation's stderr (a second in-process invocation gets a fresh one)
     )
-    if debug:
-        _debug["on"] = True
+    _debug["on"] = debug or os.environ.get("DVEMB_DEBUG", "") not in ("", "0")
 
 
 @app.command()
