@@ -14,11 +14,19 @@ Workloads:
 * on CUDA (or with ``--gpt100m``): GPT-2-small shape, 12 layers x 12 heads x 768, context 512,
   vocabulary 50257 (~124M parameters), B = 8 — samples/s with and without capture.
 
+``--disk``: does capture wait on the store's disk? Each capturing copy also writes every step's rows
+to a gradient store (``SegmentWriter``, a fresh file per timing block), synchronously or
+asynchronously, on the real disk or on a throttled one (:class:`ThrottledFile`, a benchmark device
+whose bandwidth is set so that one step's rows take ``--disk-fraction`` of a plain training step).
+Reported: step time of each variant against the plain copy, the time spent inside ``write()``, and
+the flush at ``close()``. Results go to ``bench_capture_disk_<device>.json``.
+
 Usage::
 
     python -m benchmarks.bench_capture            # full run (~4 min on a 2-core CPU)
     python -m benchmarks.bench_capture --quick    # smoke run (< 20 s)
     python -m benchmarks.bench_capture --profile  # also print a torch.profiler table per workload
+    python -m benchmarks.bench_capture --disk     # sync vs async store, fast vs slow disk (~1 min)
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ import argparse
 import copy
 import dataclasses
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +50,7 @@ from benchmarks.common import bench_args, machine_info, make_sync, write_json_at
 from dvemb.capture.hooks import GradientCapture, loss_weight
 from dvemb.models.gpt import GPT, GPTConfig
 from dvemb.models.mlp import MLP, MLPConfig
+from dvemb.store.gradstore import SegmentWriter
 from dvemb.task import masked_cross_entropy
 from dvemb.types import ProjectionConfig
 
@@ -51,7 +61,74 @@ TARGET_RATIO = 1.3
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # sample ids, inputs, targets
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- a slow disk (benchmark device)
+
+
+class ThrottledFile:
+    """A real file on a slow disk: writing ``n`` bytes takes ``n / bandwidth`` seconds.
+
+    The delay accrues per byte and is slept in slices of >= 1 ms (sleep is coarse); ``busy_s`` is the
+    wall time spent inside write/close, i.e. what a synchronous writer waits per step.
+    """
+
+    def __init__(self, path: Path, bandwidth: float):
+        self._f = open(path, "wb")  # noqa: SIM115 (closed by close(), called by the SegmentWriter)
+        self.bandwidth = bandwidth
+        self.busy_s = 0.0
+        self._debt = 0.0
+
+    def _pay(self, at_least: float) -> None:
+        if self._debt >= at_least:
+            t0 = time.perf_counter()
+            time.sleep(self._debt)
+            self._debt -= time.perf_counter() - t0
+
+    def write(self, data) -> int:
+        t0 = time.perf_counter()
+        n = self._f.write(data)
+        self._debt += n / self.bandwidth
+        self._pay(1e-3)
+        self.busy_s += time.perf_counter() - t0
+        return n
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        t0 = time.perf_counter()
+        self._pay(0.0)
+        self._f.close()
+        self.busy_s += time.perf_counter() - t0
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+
+@dataclass
+class Store:
+    """Where a capturing arm writes its rows: a fresh SegmentWriter per timing block, deleted after close."""
+
+    directory: Path
+    asynchronous: bool
+    bandwidth: float | None = None  # bytes/s of a throttled (slow) disk; None = the real disk
+    files: list[ThrottledFile] = field(default_factory=list)
+
+    def open(self, dims: dict[str, int], name: str) -> SegmentWriter:
+        def throttled(path: Path) -> ThrottledFile:
+            self.files.append(ThrottledFile(path, self.bandwidth))
+            return self.files[-1]
+
+        opener = throttled if self.bandwidth is not None else None
+        return SegmentWriter(self.directory / f"{name}.arrow", dims, asynchronous=self.asynchronous, opener=opener)
+
+    @property
+    def disk_s(self) -> float:
+        """Seconds the throttled disk spent writing (0 for the real disk)."""
+        return sum(f.busy_s for f in self.files)
 
 
 # --------------------------------------------------------------------------- workloads
@@ -123,35 +200,69 @@ def gpt_workload(
 
 
 class Arm:
-    """One model copy + optimizer; with a ``projection`` each step is wrapped in micro_batch/collect."""
+    """One model copy + optimizer; with a ``projection`` each step is wrapped in micro_batch/collect.
 
-    def __init__(self, model: nn.Module, batches: list[Batch], projection: ProjectionConfig | None):
+    store: also write each step's StepGrads to a gradient store (a fresh file per :meth:`run`).
+    amp: autocast dtype of the forward and loss (None = full precision). layers: the capture's layer spec.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: list[Batch],
+        projection: ProjectionConfig | None,
+        store: Store | None = None,
+        amp: torch.dtype | None = None,
+        layers: str | Sequence[str] | None = None,
+    ):
         self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        self.cap = GradientCapture(model, projection) if projection is not None else None
+        self.cap = GradientCapture(model, projection, layers) if projection is not None else None
         self.batches = batches
         self.step_no = 0
-        self.tracked = len(self.cap.tracked) if self.cap else 0
+        self.tracked = len(self.cap.specs) if self.cap else 0
+        self.store, self.amp = store, amp
+        self.write_s: list[float] = []  # seconds inside SegmentWriter.write per step
+        self.close_s: list[float] = []  # seconds of SegmentWriter.close per block (the flush)
+        self._writer: SegmentWriter | None = None
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+            return masked_cross_entropy(self.model(x), y).mean()
 
     def step(self) -> None:
         ids, x, y = self.batches[self.step_no % len(self.batches)]
         self.opt.zero_grad(set_to_none=True)
         if self.cap is None:
-            masked_cross_entropy(self.model(x), y).mean().backward()
+            self.loss(x, y).backward()
         else:
             with self.cap.micro_batch(ids, weight=loss_weight("mean", len(ids))):
-                masked_cross_entropy(self.model(x), y).mean().backward()
-            self.cap.collect(self.step_no)  # a real run would hand this StepGrads to the store
+                self.loss(x, y).backward()
+            rec = self.cap.collect(self.step_no)
+            if self._writer is not None:
+                t0 = time.perf_counter()
+                self._writer.write_step(rec)
+                self.write_s.append(time.perf_counter() - t0)
         self.opt.step()
         self.step_no += 1
 
     def run(self, steps: int, sync: Callable[[], None]) -> float:
+        """Seconds for ``steps`` steps (a store's file is opened before and closed after the timing)."""
+        if self.store is not None:
+            self._writer = self.store.open({n: s.dim for n, s in self.cap.specs.items()}, f"from-{self.step_no}")
         sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             self.step()
         sync()
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if self._writer is not None:
+            t1 = time.perf_counter()
+            self._writer.close()
+            self.close_s.append(time.perf_counter() - t1)
+            self._writer.path.unlink()
+            self._writer = None
+        return elapsed
 
 
 def compare(
@@ -189,6 +300,136 @@ def compare(
         "ratios": ratios,
         "target_met": statistics.median(ratios) <= TARGET_RATIO,
     }
+
+
+STORE_VARIANTS = (  # (name, asynchronous, slow disk); None = capture without a store
+    ("capture, no store", None, False),
+    ("sync, fast disk", False, False),
+    ("async, fast disk", True, False),
+    ("sync, slow disk", False, True),
+    ("async, slow disk", True, True),
+)
+
+
+def store_bytes_per_step(batch: int, dims: dict[str, int]) -> int:
+    """Bytes of one step's rows in the store: step, sample_id, weight (8 B each) + float32 layers."""
+    return batch * (24 + 4 * sum(dims.values()))
+
+
+def store_compare(
+    work: Workload,
+    device: str,
+    rounds: int,
+    steps: int,
+    disk_fraction: float,
+    projection: ProjectionConfig = PROJECTION,
+    amp: torch.dtype | None = None,
+    layers: str | Sequence[str] | None = None,
+) -> dict:
+    """Step time of a plain copy vs capturing copies that write their rows sync/async to a fast/slow disk.
+
+    The slow disk's bandwidth makes one step's rows take ``disk_fraction`` of a plain step. Each round
+    runs ``steps`` steps of every copy (rotating order); ratios are per round, then the median.
+    """
+    sync = make_sync(device)
+    with tempfile.TemporaryDirectory(prefix="dvemb-bench-store-") as tmp:
+        plain = Arm(work.model, work.batches, None, amp=amp)
+        for _ in range(2):  # warm-up, then the plain step time that sizes the slow disk
+            plain.run(steps, sync)
+        t_plain = statistics.median(plain.run(steps, sync) for _ in range(3)) / steps
+        arms: dict[str, Arm] = {"no capture": plain}
+        bandwidth = None
+        for name, asynchronous, slow in STORE_VARIANTS:
+            model = copy.deepcopy(work.model)
+            if asynchronous is None:
+                arms[name] = Arm(model, work.batches, projection, amp=amp, layers=layers)
+                dims = {n: sp.dim for n, sp in arms[name].cap.specs.items()}
+                step_bytes = store_bytes_per_step(len(work.batches[0][0]), dims)
+                bandwidth = step_bytes / (disk_fraction * t_plain)
+                continue
+            store = Store(
+                Path(tmp) / name.replace(", ", "-").replace(" ", "-"), asynchronous, bandwidth if slow else None
+            )
+            arms[name] = Arm(model, work.batches, projection, store=store, amp=amp, layers=layers)
+        for arm in arms.values():  # warm-up (allocators, first file)
+            arm.run(2, sync)
+            arm.write_s.clear()
+            arm.close_s.clear()
+            if arm.store is not None:
+                arm.store.files.clear()
+        times: dict[str, list[float]] = {n: [] for n in arms}
+        names = list(arms)
+        for r in range(rounds):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                times[name].append(arms[name].run(steps, sync))
+    out = []
+    for name, arm in arms.items():
+        ratios = [t / p for t, p in zip(times[name], times["no capture"])]
+        row = {
+            "variant": name,
+            "ms_per_step": statistics.median(times[name]) / steps * 1e3,
+            "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+        }
+        if arm.store is not None:
+            row |= {
+                "write_ms_median": statistics.median(arm.write_s) * 1e3,
+                "write_ms_max": max(arm.write_s) * 1e3,
+                "close_ms_median": statistics.median(arm.close_s) * 1e3,
+                "disk_ms_per_step": arm.store.disk_s / max(1, len(arm.write_s)) * 1e3,
+            }
+        out.append(row)
+    by = {r["variant"]: r for r in out}
+    return {
+        "workload": work.name,
+        **work.description,
+        "tracked_layers": arms["capture, no store"].tracked,
+        "store_bytes_per_step": step_bytes,
+        "plain_ms_per_step_calibration": t_plain * 1e3,
+        "disk_fraction": disk_fraction,
+        "slow_disk_mb_per_s": bandwidth / 1e6,
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "variants": out,
+        # the claim: with the asynchronous writer the slow disk does not show in the step time
+        "async_slow_over_fast": by["async, slow disk"]["ms_per_step"] / by["async, fast disk"]["ms_per_step"],
+        "sync_slow_over_fast": by["sync, slow disk"]["ms_per_step"] / by["sync, fast disk"]["ms_per_step"],
+    }
+
+
+def report_store(results: list[dict], console: Console) -> None:
+    for r in results:
+        t = Table(
+            title=f"{r['model']}, B = {r['batch']}: store writes, slow disk = {r['slow_disk_mb_per_s']:.1f} MB/s "
+            f"({r['disk_fraction']:.2f} of a plain step per step, {r['store_bytes_per_step'] / 1e3:.0f} kB/step)"
+        )
+        for col in (
+            "variant",
+            "ms/step",
+            "x no capture",
+            "range",
+            "write() ms (median / max)",
+            "close ms",
+            "disk ms/step",
+        ):
+            t.add_column(col, justify="left" if col == "variant" else "right")
+        for v in r["variants"]:
+            io = "write_ms_median" in v
+            t.add_row(
+                v["variant"],
+                f"{v['ms_per_step']:.2f}",
+                f"{v['ratio_median']:.3f}",
+                f"{v['ratio_min']:.2f}-{v['ratio_max']:.2f}",
+                f"{v['write_ms_median']:.2f} / {v['write_ms_max']:.2f}" if io else "",
+                f"{v['close_ms_median']:.1f}" if io else "",
+                f"{v['disk_ms_per_step']:.2f}" if io else "",
+            )
+        console.print(t)
+        console.print(
+            f"slow / fast disk step time: async {r['async_slow_over_fast']:.3f}, sync {r['sync_slow_over_fast']:.3f}"
+        )
 
 
 def profile(work: Workload, device: str, steps: int, console: Console) -> None:
@@ -250,11 +491,49 @@ def _flags(ap: argparse.ArgumentParser) -> None:
         default=None,
         help="also a GPT-2-small-sized model (12 x 768, context 512, ~124M parameters); default: on CUDA only",
     )
+    ap.add_argument("--disk", action="store_true", help="store writes: sync vs async, fast vs throttled disk")
+    ap.add_argument(
+        "--disk-fraction", type=float, default=0.5, help="--disk: slow disk time per step / plain step time"
+    )
+
+
+def main_disk(args: argparse.Namespace, console: Console) -> None:
+    """``--disk``: does capture wait on the store's disk?"""
+    dev = args.device
+    # (workload factory, rounds, steps per round)
+    plan: list[tuple[Callable[[], Workload], int, int]] = [
+        (lambda: mlp_workload(dev), 3 if args.quick else 8, 4 if args.quick else 10),
+        (lambda: gpt_workload(dev, vocab=512), 3 if args.quick else 6, 1 if args.quick else 3),
+    ]
+    results = []
+    for factory, rounds, steps in plan:
+        work = factory()
+        console.log(f"{work.name}: store variants, {rounds} rounds x {steps} steps ...")
+        results.append(store_compare(work, dev, rounds, steps, args.disk_fraction))
+    report_store(results, console)
+    payload = {
+        "benchmark": "bench_capture_disk",
+        "quick": args.quick,
+        "machine": machine_info(dev),
+        "config": {
+            "projection": {"k_a": PROJECTION.k_a, "k_s": PROJECTION.k_s, "dtype": PROJECTION.dtype},
+            "store": "SegmentWriter, a fresh file per round and variant (opened/closed outside the timing)",
+            "slow_disk": "ThrottledFile: a real file whose writes take bytes / bandwidth seconds",
+            "timing": "rounds of every variant in rotating order; ratios to the plain copy per round, median",
+        },
+        "results": results,
+    }
+    out = args.out or RESULTS / f"bench_capture_disk{'_quick' if args.quick else ''}_{dev}.json"
+    write_json_atomic(out, payload)
+    console.log(f"wrote {out}")
 
 
 def main() -> None:
     args = bench_args(__doc__.split("\n\n")[0], _flags)
     console = Console(width=140)
+    if args.disk:
+        main_disk(args, console)
+        return
     dev = args.device
     projection = dataclasses.replace(PROJECTION, kind=args.kind)
     # (workload factory, timing blocks, steps per block)
