@@ -48,6 +48,7 @@ from dvemb.eval.replay import Batch, Params, sgd_step
 from dvemb.models import MLP, MLPConfig
 from dvemb.score.validation import validation_gradients
 from dvemb.store.atomic import atomic_path
+from dvemb.task import Task
 from dvemb.types import ProjectionConfig, Schedule, StepGrads
 
 try:  # run as a module (python -m benchmarks.bench_fidelity) or loaded from a path by the tests
@@ -145,6 +146,12 @@ class Experiment:
         )
 
 
+def val_batch(val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The validation (x, y) as a batch dict (rows numbered 0..V-1)."""
+    x, y = val
+    return {"sample_id": torch.arange(len(y)), "x": x, "y": y}
+
+
 def load_arrays(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Features scaled to [0, 1] (default dtype) and int64 labels."""
     if dataset == "digits":
@@ -197,7 +204,7 @@ def val_grads(exp: Experiment, cap: GradientCapture, step: int):
     with torch.no_grad():
         for k, v in exp.model.named_parameters():
             v.copy_(exp.params[step][k])
-    return validation_gradients(exp.model, cap, [exp.val])
+    return validation_gradients(Task(), exp.model, cap, [val_batch(exp.val)])
 
 
 def fisher_fn(exp: Experiment, cap: GradientCapture, mode: str, k: int = 1):

@@ -44,7 +44,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.bench_fidelity import REGIMES, B, Experiment, ground_truth, train
+from benchmarks.bench_fidelity import REGIMES, B, Experiment, ground_truth, train, val_batch
 from benchmarks.common import RESULTS, machine_info, replace_doc_block, write_json_atomic
 from dvemb.capture.hooks import GradientCapture
 from dvemb.embed.curvature import as_curvature, fisher_vectors
@@ -54,7 +54,7 @@ from dvemb.eval.metrics import pearson, spearman
 from dvemb.models import MLP, MLPConfig
 from dvemb.score.scores import dot_scores
 from dvemb.score.validation import validation_gradients
-from dvemb.task import masked_cross_entropy
+from dvemb.task import Task, masked_cross_entropy
 from dvemb.types import ProjectionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,12 +121,12 @@ def run_dvemb(exp: Experiment, k: int | None, curvature: str, blocks: str = "lay
     embs, _ = embed_steps(records, exp.schedule, dtype=F64, curvature=fn, blocks=blocks)
     embed_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    v = validation_gradients(model, cap, [exp.val])
+    v = validation_gradients(Task(), model, cap, [val_batch(exp.val)])
     emb_scores = torch.cat([s[:, 0] for s in dot_scores(embs, v)])
     score_emb_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    v = validation_gradients(model, cap, [exp.val])
+    v = validation_gradients(Task(), model, cap, [val_batch(exp.val)])
     dir_scores = torch.cat(
         [s[:, 0] for s in direct_scores(records, exp.schedule, v, dtype=F64, curvature=fn, blocks=blocks)]
     )
