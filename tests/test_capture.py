@@ -141,8 +141,9 @@ def test_layer_selection_and_unsupported_module():
     model, _, _ = make_gpt()
     cap = GradientCapture(model, layers="blocks.0.c_*")
     assert sorted(cap.tracked) == ["blocks.0.c_fc", "blocks.0.c_proj"]
-    with pytest.raises(CaptureError, match=r"'blocks.0.ln_1' is a LayerNorm"):
-        GradientCapture(model, layers=["blocks.0.ln_1"])
+    assert sorted(GradientCapture(model, layers=["blocks.0.ln_1"]).tracked) == ["blocks.0.ln_1"]  # norms are a kind
+    with pytest.raises(CaptureError, match=r"'1' is a BatchNorm1d"):  # couples the samples of a batch
+        GradientCapture(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), layers=["1"])
     with pytest.raises(CaptureError, match=r"'nope': no such module"):
         GradientCapture(model, layers=["nope"])
 

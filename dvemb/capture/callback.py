@@ -80,7 +80,7 @@ class GradientLogger(L.Callback):
         total = int(trainer.estimated_stepping_batches)
         self.boundaries = segment_boundaries(total, self.segments)
         self.capture = GradientCapture(pl_module.model, self.projection, self.layers)
-        write_projection(self.run.projection, self.capture.specs, self.projection)
+        write_projection(self.run.projection, self.capture.specs, self.projection, self.capture.skipped)
         embed_cfg = (self.run.meta().get("config") or {}).get("embed", {}) if self.run.run_json.exists() else {}
         if self.curvature is None:
             self.curvature = embed_cfg.get("curvature", "empirical")

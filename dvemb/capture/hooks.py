@@ -1,9 +1,10 @@
 """Layer hooks that record per-sample projected gradients without per-sample backward passes.
 
-For every tracked ``nn.Linear`` a forward hook keeps the layer input ``a`` and attaches a
-tensor hook to the output; when autograd delivers ``ds = dL/d(output)`` the hook forms
-``sum_tokens (P_s ds)(P_a a)^T`` per sample. ``L`` is whatever loss you call ``backward`` on,
-so the recorded vector is the per-sample *contribution* ``g_z = w_z grad l_z`` (DESIGN §2),
+For every captured layer (a Linear by default; see :mod:`dvemb.capture.layers` for the kinds) a
+forward hook keeps the layer input ``a`` and attaches a tensor hook to the output; when autograd
+delivers ``ds = dL/d(output)`` the hook forms the projected per-sample gradient, e.g. for a
+Linear ``sum_tokens (P_s ds)(P_a a)^T``. ``L`` is whatever loss you call ``backward`` on,
+so the recorded vector is the per-sample *contribution* ``g_z = w_z grad l_z`` (docs/DESIGN.md §2),
 with the AMP loss scale divided out. You tell the capture ``w_z`` (see :func:`loss_weight`).
 
 Usage (one optimizer step, two accumulation micro-batches, mean reduction)::
@@ -17,13 +18,13 @@ Usage (one optimizer step, two accumulation micro-batches, mean reduction)::
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from dvemb.capture.layers import Member, Selection, select_layers
 from dvemb.capture.projection import DTYPES, LayerProjection, Projector, layer_seed
 from dvemb.errors import CaptureError, NonFiniteGradientError
 from dvemb.types import ProjectionConfig, StepGrads
@@ -41,37 +42,24 @@ def loss_weight(reduction: str, batch_size: int, accumulation: int = 1, loss_sca
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def select_linear_layers(model: nn.Module, layers: Sequence[str] | str | None = None) -> dict[str, nn.Linear]:
-    """Tracked layers by name: None = every nn.Linear; a string = glob pattern; a list = exact names.
+def layer_projections(
+    selection: Selection, cfg: ProjectionConfig, param_names: dict[int, str] | None = None
+) -> dict[str, LayerProjection]:
+    """The recorded projection of every captured block (d_in includes the bias column where there is one).
 
-    Raises CaptureError naming a requested module that does not exist or is not an nn.Linear.
+    param_names: id(parameter) -> name (default: the names the blocks' modules give them).
     """
-    modules = dict(model.named_modules())
-    if layers is None or isinstance(layers, str):
-        pattern = layers or "*"
-        found = {n: m for n, m in modules.items() if isinstance(m, nn.Linear) and fnmatch.fnmatch(n, pattern)}
-        if not found:
-            raise CaptureError(f"no nn.Linear layer matches the pattern {pattern!r}")
-        return found
-    out = {}
-    for name in layers:
-        if name not in modules:
-            raise CaptureError(f"layer {name!r}: no such module in the model")
-        if not isinstance(modules[name], nn.Linear):
-            kind = type(modules[name]).__name__
-            raise CaptureError(f"layer {name!r} is a {kind}; only nn.Linear layers can be tracked")
-        out[name] = modules[name]
-    return out
-
-
-def layer_projections(tracked: dict[str, nn.Linear], cfg: ProjectionConfig) -> dict[str, LayerProjection]:
-    """The recorded projection of every tracked layer (d_in includes the bias input)."""
     if cfg.kind == "elementwise" and (cfg.k_a is None or cfg.k_s is None):
         raise ValueError("capture.kind 'elementwise' needs k_a and k_s (the sketch has k_a * k_s dimensions)")
     elementwise = cfg.kind == "elementwise"  # the sketch keeps k_a * k_s dims even where k >= d
     specs = {}
-    for name, lin in tracked.items():
-        d_in, d_out = lin.in_features + 1, lin.out_features
+    for name, members in selection.blocks.items():
+        first = members[0]
+        d_in, d_out, bias = first.kind.dims(first.module)
+        params = {}
+        for m in members:
+            for local, p in m.module.named_parameters(recurse=False):
+                params.setdefault(id(p), (param_names or {}).get(id(p), f"{m.name}.{local}"))
         specs[name] = LayerProjection(
             d_in=d_in,
             d_out=d_out,
@@ -79,12 +67,58 @@ def layer_projections(tracked: dict[str, nn.Linear], cfg: ProjectionConfig) -> d
             k_s=cfg.k_s if elementwise else min(cfg.k_s or d_out, d_out),
             seed=layer_seed(cfg.seed, name),
             kind=cfg.kind,
+            layer=first.kind.name,
+            bias=bias,
+            params=tuple(params.values()),
         )
     return specs
 
 
+class LayerProjector:
+    """A captured block's Projector bound to its module(s): per-sample gradients from what the hooks see."""
+
+    def __init__(self, projector: Projector, members: list[Member]):
+        self.projector, self.members = projector, members
+        self.spec = projector.spec
+
+    def per_sample(self, x: torch.Tensor, ds: torch.Tensor, member: Member | None = None) -> torch.Tensor:
+        """x: the layer input as its forward hook saw it (ids for an embedding); ds: the gradient w.r.t.
+        its output -> [B, dim]. ``member``: which module of a tied block made the call (default: told
+        apart by the input, ids or floating point)."""
+        if member is None:
+            member = self.members[0]
+            if len(self.members) > 1:
+                ids = not x.is_floating_point()
+                member = next(m for m in self.members if m.kind.takes_ids == ids)
+        return member.kind.per_sample(self.projector, member.module, x, ds, member.swap)
+
+    def project_matrix(self, grad_w: torch.Tensor) -> torch.Tensor:
+        """A full [d_out, d_in] gradient (bias column included) -> flattened projected [dim]."""
+        return self.projector.project_matrices(grad_w)
+
+    def project_matrices(self, grad_w: torch.Tensor) -> torch.Tensor:
+        """Full [..., d_out, d_in] gradients -> [..., dim]."""
+        return self.projector.project_matrices(grad_w)
+
+    def grad_matrix(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """G [..., d_out, d_in] of the block from parameter gradients keyed by parameter name (e.g.
+        ``model.named_parameters()`` names, as torch.func returns them)."""
+        first = self.members[0]
+        local = {
+            lname: grads[pname]
+            for pname, (lname, _) in zip(self.spec.params, first.module.named_parameters(recurse=False))
+        }
+        return first.kind.grad_matrix(first.module, local)
+
+
 class GradientCapture:
-    """Records per-sample projected gradients of the tracked Linear layers of ``model``."""
+    """Records per-sample projected gradients of the selected layers of ``model``.
+
+    layers: ``None`` = every nn.Linear, else kinds / globs / names (dvemb.capture.layers).
+    ``tracked``: block name -> its (first) module; ``specs`` / ``projectors``: per block;
+    ``skipped``: modules a glob matched that are not captured (name -> why); ``hooked``: every
+    (block, module) pair the hooks sit on (tied partners included).
+    """
 
     def __init__(
         self,
@@ -96,29 +130,39 @@ class GradientCapture:
         self.model = model
         self.config = projection
         self.dtype = DTYPES[projection.dtype]
-        self.tracked = select_linear_layers(model, layers)
-        self.specs = layer_projections(self.tracked, projection)
+        selection = select_layers(model, layers)
+        self.blocks = selection.blocks
+        self.skipped = selection.skipped
+        self.tracked = {n: ms[0].module for n, ms in self.blocks.items()}
+        self.hooked = [(n, m.module) for n, ms in self.blocks.items() for m in ms]
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.specs = layer_projections(selection, projection, names)
         dev = device or next(model.parameters()).device
-        self.projectors = {n: Projector(s, self.dtype, dev) for n, s in self.specs.items()}
-        self._handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in self.tracked.items()]
+        self.projectors = {
+            n: LayerProjector(Projector(s, self.dtype, dev), self.blocks[n]) for n, s in self.specs.items()
+        }
+        self._handles = [
+            m.module.register_forward_hook(self._forward_hook(n, m)) for n, ms in self.blocks.items() for m in ms
+        ]
         self._active: tuple[int, float] | None = None  # (batch size, 1 / loss scale) while recording
         self._micro: dict[str, torch.Tensor] = {}
         self._rows: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
 
-    def _forward_hook(self, name: str):
+    def _forward_hook(self, name: str, member: Member):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if self._active is None or not output.requires_grad:
                 return
             a = inputs[0].detach()
             batch, inv_scale = self._active
-            if a.shape[0] != batch:
+            if a.dim() == 0 or a.shape[0] != batch:
                 raise CaptureError(
-                    f"layer {name!r}: input batch dimension {a.shape[0]} != {batch} sample ids; "
-                    "tracked layers must see inputs as [B, d] or [B, S, d]"
+                    f"layer {member.name!r}: input batch dimension {tuple(a.shape)[:1]} != {batch} sample ids; "
+                    "a captured layer must see each sample's own input along dim 0 ([B, ...]); a layer whose "
+                    "output is broadcast over the batch (e.g. a position embedding) has no per-sample gradient"
                 )
 
             def on_grad(ds: torch.Tensor) -> None:
-                g = self.projectors[name].per_sample(a, ds)
+                g = self.projectors[name].per_sample(a, ds, member)
                 if inv_scale != 1.0:
                     g = g * inv_scale
                 prev = self._micro.get(name)  # a layer called twice (weight sharing) sums its calls

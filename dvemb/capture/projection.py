@@ -1,7 +1,9 @@
-"""Seeded Gaussian projections of per-sample Linear-layer gradients.
+"""Seeded Gaussian projections of per-sample layer gradients.
 
-A Linear layer W: d_in -> d_out (bias = an extra input fixed at 1) has a per-sample weight
-gradient ``G = sum_tokens ds a^T`` of shape [d_out, d_in + 1]. Two ways to compress it:
+Every captured layer's per-sample gradient is a matrix ``G`` of shape [d_out, d_in] (see
+:mod:`dvemb.capture.layers`): for a Linear layer ``G = sum_tokens ds a^T`` with ``ds`` the gradient
+w.r.t. the output (the *s side*) and ``a`` the input (the *a side*, with a bias column of ones
+appended when the layer has a bias). Two ways to compress it:
 
 * ``kronecker`` (default): ``sum_tokens (P_s ds)(P_a a)^T = P_s G P_a^T`` of shape [k_s, k_a],
   flattened row-major; a side whose k >= d uses the identity (exact).
@@ -10,7 +12,9 @@ gradient ``G = sum_tokens ds a^T`` of shape [d_out, d_in + 1]. Two ways to compr
   P_s: [k, d_out]. Inner products are unbiased, E<g, g'> = <G, G'>, and for the same number of
   dimensions the variance is lower than a Kronecker sketch's when the budget is small.
 
-``P`` entries are N(0, 1/rows), drawn from a recorded per-layer seed.
+A side given as integer ids (an embedding's one-hot input) is projected by gathering columns of P,
+``P e_id = P[:, id]``, so no [B, S, vocab] one-hot is ever formed. ``P`` entries are N(0, 1/rows),
+drawn from a recorded per-layer seed.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ def layer_seed(base_seed: int, layer: str) -> int:
 
 @dataclass(frozen=True)
 class LayerProjection:
-    """How one layer's gradient is compressed. ``d_in`` counts the bias input."""
+    """How one layer's [d_out, d_in] gradient is compressed.
+
+    d_in counts the bias column when ``bias``; ``layer`` is the layer kind (dvemb.capture.layers);
+    ``params`` names the model parameters whose gradient this is (as in ``model.named_parameters()``).
+    """
 
     d_in: int
     d_out: int
@@ -39,6 +47,9 @@ class LayerProjection:
     k_s: int
     seed: int
     kind: str = "kronecker"
+    layer: str = "linear"
+    bias: bool = True
+    params: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -69,6 +80,7 @@ class LayerProjection:
 
     def to_json(self) -> dict:
         return asdict(self) | {
+            "params": list(self.params),
             "identity_a": self.identity_a,
             "identity_s": self.identity_s,
             "dim": self.dim,
@@ -76,8 +88,18 @@ class LayerProjection:
 
     @classmethod
     def from_json(cls, d: dict) -> LayerProjection:
-        kind = d.get("kind", "kronecker")  # files written before the elementwise kind
-        return cls(d_in=d["d_in"], d_out=d["d_out"], k_a=d["k_a"], k_s=d["k_s"], seed=d["seed"], kind=kind)
+        # files written before the elementwise kind / the layer registry: kronecker, a Linear with bias
+        return cls(
+            d_in=d["d_in"],
+            d_out=d["d_out"],
+            k_a=d["k_a"],
+            k_s=d["k_s"],
+            seed=d["seed"],
+            kind=d.get("kind", "kronecker"),
+            layer=d.get("layer", "linear"),
+            bias=d.get("bias", True),
+            params=tuple(d.get("params", ())),
+        )
 
 
 def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -86,8 +108,16 @@ def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, cols, generator=gen, dtype=torch.float64) / rows**0.5
 
 
+def _transposed(p: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    return p.T.to(device, dtype).contiguous()
+
+
+def _ids(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex())
+
+
 class Projector:
-    """Applies a LayerProjection to layer inputs / output-gradients on a device and dtype."""
+    """Applies a LayerProjection to the two sides of a layer's gradient, on a device and dtype."""
 
     def __init__(
         self,
@@ -99,47 +129,103 @@ class Projector:
         self.dtype = dtype
         self.elementwise = spec.kind == "elementwise"
         # kronecker: P_a [k_a, d_in], P_s [k_s, d_out]; elementwise: both k = k_a * k_s rows; None = identity.
+        # Stored transposed and contiguous ([d, k]): a row per input feature / vocabulary id.
         rows_a, rows_s = (spec.dim, spec.dim) if self.elementwise else (spec.k_a, spec.k_s)
-        self.p_a = None if spec.identity_a else gaussian(rows_a, spec.d_in, spec.seed).to(device, dtype)
-        self.p_s = None if spec.identity_s else gaussian(rows_s, spec.d_out, spec.seed + 1).to(device, dtype)
+        self._at = None if spec.identity_a else _transposed(gaussian(rows_a, spec.d_in, spec.seed), device, dtype)
+        self._st = None if spec.identity_s else _transposed(gaussian(rows_s, spec.d_out, spec.seed + 1), device, dtype)
         self._scale = spec.dim**0.5
-        # [a, 1] @ P_a^T == a @ W + b: no copy of the input to append the bias column
-        self._w_a = None if self.p_a is None else self.p_a[:, :-1].T.contiguous()
-        self._b_a = None if self.p_a is None else self.p_a[:, -1].contiguous()
+        self._nb = 1 if spec.bias else 0
 
+    @property
+    def p_a(self) -> torch.Tensor | None:
+        """P_a [rows, d_in] (None = identity)."""
+        return None if self._at is None else self._at.T
+
+    @property
+    def p_s(self) -> torch.Tensor | None:
+        """P_s [rows, d_out] (None = identity)."""
+        return None if self._st is None else self._st.T
+
+    # --- the two sides -------------------------------------------------------------------
     def project_inputs(self, a: torch.Tensor) -> torch.Tensor:
-        """a: [..., d_in - 1] layer input -> [..., k_a] (bias column of ones appended first)."""
+        """a: [..., d_in - bias] a-side factor -> [..., k_a] (the bias column of ones appended first)."""
         a = a.to(self.dtype)
-        if self.p_a is None:
-            return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-        return torch.addmm(self._b_a, a, self._w_a) if a.dim() == 2 else a @ self._w_a + self._b_a
+        if self._at is None:
+            return torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1) if self._nb else a
+        if not self._nb:
+            return a @ self._at
+        w, b = self._at[:-1], self._at[-1]  # [a, 1] @ P_a^T == a @ W + b: no copy of the input
+        return torch.addmm(b, a, w) if a.dim() == 2 else a @ w + b
 
     def project_output_grads(self, ds: torch.Tensor) -> torch.Tensor:
-        """ds: [..., d_out] gradient w.r.t. the layer output -> [..., k_s]."""
+        """ds: [..., d_out] s-side factor -> [..., k_s]."""
         ds = ds.to(self.dtype)
-        return ds if self.p_s is None else ds @ self.p_s.T
+        return ds if self._st is None else ds @ self._st
 
-    def per_sample(self, a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
-        """Per-sample projected weight gradients.
+    def gather_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] into a one-hot a side (no bias) -> [..., k_a] = columns of P_a."""
+        return self._at[ids]
 
-        a: [B, d] or [B, S, d]; ds: [B, d_out] or [B, S, d_out] -> [B, k_s * k_a] (tokens summed).
-        """
-        pa, ps = self.project_inputs(a), self.project_output_grads(ds)
+    def gather_output_grads(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] into a one-hot s side -> [..., k_s] = columns of P_s."""
+        return self._st[ids]
+
+    # --- per-sample gradients --------------------------------------------------------------
+    def combine(self, ps: torch.Tensor, pa: torch.Tensor) -> torch.Tensor:
+        """Projected sides [B, k_s], [B, k_a] or [B, S, k_s], [B, S, k_a] -> [B, dim] (tokens summed)."""
         if pa.dim() not in (2, 3):
-            raise ValueError(f"layer input must be [B, d] or [B, S, d], got shape {tuple(a.shape)}")
+            raise ValueError(f"projected factors must be [B, k] or [B, S, k], got shape {tuple(pa.shape)}")
         if self.elementwise:
             g = pa * ps
             return self._scale * (g if g.dim() == 2 else g.sum(1))
         g = ps[:, :, None] * pa[:, None, :] if pa.dim() == 2 else torch.bmm(ps.transpose(1, 2), pa)
         return g.reshape(g.shape[0], -1)
 
-    def project_matrix(self, grad_w: torch.Tensor) -> torch.Tensor:
-        """A full [d_out, d_in] (bias included) gradient -> flattened projected [k_s * k_a]."""
+    def per_sample(self, a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
+        """Per-sample projected gradients of a Linear-shaped layer from dense factors.
+
+        a: [B, d] or [B, S, d] (no bias column); ds: [B, d_out] or [B, S, d_out] -> [B, dim] (tokens summed).
+        """
+        if a.dim() not in (2, 3):
+            raise ValueError(f"layer input must be [B, d] or [B, S, d], got shape {tuple(a.shape)}")
+        return self.combine(self.project_output_grads(ds), self.project_inputs(a))
+
+    def per_sample_factors(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Per-sample projected ``sum_tokens s a^T``; either side may be integer ids (a one-hot side).
+
+        s: [B, S, d_out] or ids [B, S]; a: [B, S, d_in - bias] or ids [B, S] -> [B, dim].
+        An exact (identity) one-hot side is a scatter-add into its id columns, never a dense one-hot.
+        """
+        s_ids, a_ids = _ids(s), _ids(a)
+        if s_ids and a_ids:
+            raise ValueError("at most one side of a layer gradient can be ids")
+        if a_ids and self._nb:
+            raise ValueError("a one-hot (ids) input side cannot carry a bias column")
+        if a_ids and self._at is None:  # exact: G[:, id] += ps
+            ps = self.project_output_grads(s)  # [B, S, k_s]
+            out = ps.new_zeros(ps.shape[0], ps.shape[2], self.spec.d_in)
+            out.scatter_add_(2, a[:, None, :].expand(-1, ps.shape[2], -1), ps.transpose(1, 2))
+            return out.reshape(out.shape[0], -1)
+        if s_ids and self._st is None:  # exact: G[id, :] += pa
+            pa = self.project_inputs(a)  # [B, S, k_a]
+            out = pa.new_zeros(pa.shape[0], self.spec.d_out, pa.shape[2])
+            out.scatter_add_(1, s[:, :, None].expand(-1, -1, pa.shape[2]), pa)
+            return out.reshape(out.shape[0], -1)
+        ps = self.gather_output_grads(s) if s_ids else self.project_output_grads(s)
+        pa = self.gather_inputs(a) if a_ids else self.project_inputs(a)
+        return self.combine(ps, pa)
+
+    def project_matrices(self, grad_w: torch.Tensor) -> torch.Tensor:
+        """Full [..., d_out, d_in] gradients (bias column included) -> flattened projected [..., dim]."""
         g = grad_w.to(self.dtype)
         if self.elementwise:  # sqrt(k) diag(P_s G P_a^T)
-            return self._scale * ((self.p_s @ g) * self.p_a).sum(1)
-        if self.p_s is not None:
-            g = self.p_s @ g
-        if self.p_a is not None:
-            g = g @ self.p_a.T
-        return g.reshape(-1)
+            return self._scale * ((g @ self._at) * self._st).sum(-2)
+        if self._st is not None:
+            g = self._st.T @ g
+        if self._at is not None:
+            g = g @ self._at
+        return g.flatten(-2)
+
+    def project_matrix(self, grad_w: torch.Tensor) -> torch.Tensor:
+        """A full [d_out, d_in] (bias included) gradient -> flattened projected [dim]."""
+        return self.project_matrices(grad_w)

@@ -172,7 +172,7 @@ def fisher_vectors(
 
         return hook
 
-    handles = [m.register_forward_hook(hook_for(name)) for name, m in capture.tracked.items()]
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in capture.hooked]  # tied partners too
     try:
         with paused(capture), torch.enable_grad():
             if params is None:

@@ -334,8 +334,14 @@ def read_segment(
     return records
 
 
-def write_projection(path: str | os.PathLike, specs: dict[str, LayerProjection], cfg: ProjectionConfig) -> None:
-    """Write ``projection.json``: per-layer dims, k_a, k_s, seeds, dtype."""
+def write_projection(
+    path: str | os.PathLike,
+    specs: dict[str, LayerProjection],
+    cfg: ProjectionConfig,
+    skipped: dict[str, str] | None = None,
+) -> None:
+    """Write ``projection.json``: per-layer dims, k_a, k_s, seeds, dtype, layer kind, parameters;
+    ``skipped``: modules the layer spec matched that are not captured (name -> why)."""
     write_json(
         path,
         {
@@ -343,6 +349,7 @@ def write_projection(path: str | os.PathLike, specs: dict[str, LayerProjection],
             "dtype": cfg.dtype,
             "base_seed": cfg.seed,
             "layers": {n: s.to_json() for n, s in specs.items()},
+            "skipped": skipped or {},
         },
     )
 
@@ -363,7 +370,7 @@ def check_same_projection(stored: dict[str, LayerProjection], other: dict[str, L
             f"only here {sorted(set(other) - set(stored))}"
         )
     for name, s in stored.items():
-        for f in ("kind", "d_in", "d_out", "k_a", "k_s", "seed"):
+        for f in ("kind", "layer", "bias", "d_in", "d_out", "k_a", "k_s", "seed"):
             if getattr(s, f) != getattr(other[name], f):
                 raise ProjectionMismatchError(
                     f"{where}: layer {name!r} has {f}={getattr(other[name], f)}, the store has {getattr(s, f)}"
