@@ -18,10 +18,118 @@ RESULTS_DOC = DOC.with_name("RESULTS.md")
 
 def measured(m: dict) -> str:
     """The "Measured <date> on <machine>" line of a benchmark JSON's ``machine``."""
+    gpu = f"{m['gpu']} + " if m.get("gpu") else ""
     return (
-        f"Measured {m['date']} on {m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch thread), "
+        f"Measured {m['date']} on {gpu}{m['cpu_model']} ({m['cpu_cores']} cores, {m['torch_threads']} torch thread), "
         f"torch {m['torch_version']}, {m['device']}."
     )
+
+
+def store_rows(r: dict, label: str) -> list[str]:
+    """Rows of one store_compare result (bench_capture --disk, bench_gpu capture): one per variant."""
+    rows = []
+    for i, v in enumerate(r["variants"]):
+        io = "write_ms_median" in v
+        rows.append(
+            f"| {label if i == 0 else ''} | {v['variant']} | {v['ms_per_step']:.2f} | **{v['ratio_median']:.2f}** "
+            f"({v['ratio_min']:.2f}–{v['ratio_max']:.2f}) | "
+            + (
+                f"{v['write_ms_median']:.2f} / {v['write_ms_max']:.2f} | {v['close_ms_median']:.1f} | "
+                f"{v['disk_ms_per_step']:.1f} |"
+                if io
+                else "| | |"
+            )
+        )
+    return rows
+
+
+STORE_HEADER = [
+    "| workload | store | ms/step | × no capture (range) | `write()` ms median / max | flush at `close()` ms | "
+    "disk ms/step |",
+    "|---|---|---:|---:|---:|---:|---:|",
+]
+
+
+def store_summary(r: dict) -> str:
+    return (
+        f"slow disk {r['slow_disk_mb_per_s']:.1f} MB/s = {r['disk_fraction']:.2f} of a plain step per step "
+        f"({r['store_bytes_per_step'] / 1e3:.0f} kB of rows per step); step time slow ÷ fast disk: "
+        f"**async {r['async_slow_over_fast']:.2f}**, sync {r['sync_slow_over_fast']:.2f}"
+    )
+
+
+def disk_table(d: dict) -> str:
+    """bench_capture --disk: step time with the store written sync / async on a fast / slow disk."""
+    load = d["machine"].get("load_average_1_5_15min")
+    busy = f" Load average while measuring: {load[0]:.1f} (1 min) on {d['machine']['cpu_cores']} cores." if load else ""
+    lines = [measured(d["machine"]) + busy, "", *STORE_HEADER]
+    for r in d["results"]:
+        lines += store_rows(r, f"{r['model']}, B = {r['batch']}")
+    lines.append("")
+    lines += [f"- {r['model']}: {store_summary(r)}." for r in d["results"]]
+    return "\n".join(lines)
+
+
+def gpu_tables(d: dict | None) -> str:
+    """bench_gpu (benchmarks/gpu.sh): GEMM peak, capture with the async store, embedding/direct, exact."""
+    if d is None:
+        return "Not measured yet: no `benchmarks/results/bench_gpu_cuda.json` (run `benchmarks/gpu.sh` on a GPU)."
+    t = d["config"]["targets"]
+    lines = [measured(d["machine"]), ""]
+    for g in d.get("gemm", []):
+        lines.append(f"- GEMM peak, {g['dtype']} {g['n']}³: **{g['tflops']:.0f} TFLOP/s**.")
+    cap = d.get("capture")
+    if cap:
+        lines += [
+            "",
+            f"Capture: {cap['model']}, B = {cap['batch']}, {cap['precision']}, {cap['tracked_layers']} captured "
+            f"layers at 32×32. Throughput with ÷ without capture (async store, real disk): "
+            f"**{cap['throughput_ratio']:.2f}** ({cap['samples_per_s_without']:.1f} → "
+            f"{cap['samples_per_s_with']:.1f} samples/s; target ≥ {t['capture_throughput_ratio']}); "
+            f"{store_summary(cap)}.",
+            "",
+            *STORE_HEADER,
+            *store_rows(cap, f"GPT-2 small, ctx {cap['tokens_per_sample']}"),
+        ]
+    if d.get("embed"):
+        lines += [
+            "",
+            "| k (D) | layers × B | steps | mode | ms/step | GFLOP/s | × same-shape roofline |",
+            "|---|---|---:|---|---:|---:|---:|",
+        ]
+        for r in d["embed"]:
+            rf, e = r["roofline"], r["embedding"]
+            lines.append(
+                f"| {r['k']} ({r['dim']}) | {r['layers']} × {r['batch']} | {r['steps']} | matmul roofline | "
+                f"{rf['s_per_step'] * 1e3:.3f} | {rf['gflops']:.0f} | 1.00 |"
+            )
+            lines.append(
+                f"| | | | embedding (records on the device) | {e['s_per_step'] * 1e3:.3f} | {e['gflops']:.0f} | "
+                f"**{e['roofline_ratio']:.2f}** |"
+            )
+            h = r.get("embedding_from_host")
+            if h:
+                lines.append(
+                    f"| | | {h['steps']} | embedding (records in host memory) | {h['s_per_step'] * 1e3:.3f} | "
+                    f"{h['gflops']:.0f} | {h['roofline_ratio']:.2f} |"
+                )
+            for v, x in r["direct"].items():
+                lines.append(
+                    f"| | | | direct V={v} ({x['speedup_vs_embedding']:.1f}× embedding) | "
+                    f"{x['s_per_step'] * 1e3:.3f} | {x['gflops']:.1f} | {x['roofline_ratio']:.2f} |"
+                )
+    ex = d.get("exact")
+    if ex:
+        lines.append("")
+        if ex["status"] == "measured":
+            lines.append(
+                f"Exact mode ({ex['model']}, B = {ex['batch']}, context {ex['context']}, {ex['steps']} steps): "
+                f"**{ex['exact_over_training']:.2f}× training** the same steps ({ex['exact_s_per_step'] * 1e3:.0f} vs "
+                f"{ex['train_s_per_step'] * 1e3:.0f} ms/step; target ≤ {t['exact_over_training']}×)."
+            )
+        else:
+            lines.append(f"Exact mode: {ex['status']} — {ex['reason']}.")
+    return "\n".join(lines)
 
 
 def embed_table(d: dict) -> str:
@@ -120,6 +228,11 @@ def main() -> None:
     replace_doc_block(DOC, "bench_embed", embed_table(embed))
     replace_doc_block(DOC, "bench_segments", segments_table(embed))
     replace_doc_block(DOC, "bench_capture", capture_table(json.loads((RESULTS / "bench_capture_cpu.json").read_text())))
+    disk = RESULTS / "bench_capture_disk_cpu.json"
+    if disk.exists():
+        replace_doc_block(DOC, "bench_capture_disk", disk_table(json.loads(disk.read_text())))
+    gpu = RESULTS / "bench_gpu_cuda.json"
+    replace_doc_block(DOC, "bench_gpu", gpu_tables(json.loads(gpu.read_text()) if gpu.exists() else None))
     names = ("bench_capture_cpu.json", "bench_capture_elementwise_cpu.json", "bench_capture_cuda.json")
     captures = [json.loads((RESULTS / n).read_text()) for n in names if (RESULTS / n).exists()]
     storage_json = RESULTS / "bench_storage_cpu.json"
