@@ -249,14 +249,14 @@ def capture_section(sh: Shapes, device: str, console: Console) -> dict:
 
 
 def gpt_records(steps: int, n_layers: int, batch: int, dim: int, device: str) -> list[StepGrads]:
-    """Random per-sample contributions (|g| ~ 1/B) of ``n_layers`` layers of dim D, w = 1/B."""
+    """Random per-sample contributions (|g| ~ 1/B) of ``n_layers`` layers of dim D, w = 1/B (all on ``device``)."""
     gen = torch.Generator(device=device).manual_seed(0)
     names = [f"layer{i:02d}" for i in range(n_layers)]
     return [
         StepGrads(
             t,
             torch.arange(t * batch, (t + 1) * batch),
-            torch.full((batch,), 1.0 / batch, dtype=torch.float64),
+            torch.full((batch,), 1.0 / batch, dtype=torch.float64, device=device),
             {n: torch.randn(batch, dim, generator=gen, device=device) / (batch * math.sqrt(dim)) for n in names},
         )
         for t in range(steps)
@@ -275,7 +275,8 @@ def roofline(n_layers: int, batch: int, dim: int, cols: int, device: str, min_s:
     gn = torch.randn(n_layers, batch, cols, generator=gen, device=device) * 1e-3
     out = torch.empty(n_layers, batch, cols, device=device)
     flops = 4.0 * batch * dim * cols * n_layers
-    n_inner = max(1, int(2e9 // flops)) if device == "cuda" else max(1, int(1e8 // flops))
+    # enough steps per timed call that the synchronisation around it is noise (~20 ms on an H200)
+    n_inner = max(1, int((2e11 if device == "cuda" else 1e8) // flops))
 
     def steps() -> None:
         for _ in range(n_inner):
@@ -307,9 +308,9 @@ def embed_shape(sh: Shapes, side: int, device: str, budget_s: float, console: Co
     emb["roofline_ratio"] = emb["gflops"] / roof["gflops"]
     row = {"k": f"{side}x{side}", "dim": dim, "layers": n_layers, "batch": b, "steps": steps}
     row |= {"roofline": roof, "embedding": emb, "direct": {}}
-    if device == "cuda":  # as the pipeline reads them: host (pageable) memory, moved to the device per step
+    if device == "cuda":  # as the pipeline reads them: host (pageable) memory, copied to the device per step
         host = [
-            StepGrads(r.step, r.sample_ids, r.weights, {n: g.cpu() for n, g in r.grads.items()})
+            StepGrads(r.step, r.sample_ids, r.weights.cpu(), {n: g.cpu() for n, g in r.grads.items()})
             for r in recs[: max(8, steps // 4)]
         ]
         t_host = timed(lambda: embed_steps(host, sched, torch.float32, device), sync)
