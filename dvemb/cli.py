@@ -75,6 +75,16 @@ def _run_dir(run: Path):
     return RunDir(run)
 
 
+class _OneLineErrors(logging.Filter):
+    """Drop the traceback of a logged DvembError (Prefect logs a failed task's exception): the CLI's
+    one ``error:`` line says it; ``--debug`` keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _debug["on"] and record.exc_info and isinstance(record.exc_info[1], DvembError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 @app.callback()
 def _setup(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -86,6 +96,8 @@ def _setup(
         force=True,  # this invocation's stderr (a second in-process invocation gets a fresh one)
     )
     _debug["on"] = debug or os.environ.get("DVEMB_DEBUG", "") not in ("", "0")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_OneLineErrors())
 
 
 @app.command()
