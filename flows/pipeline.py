@@ -1,6 +1,9 @@
 """Flow ``pipeline``: resolve the config -> train -> embed (segments in parallel) -> score -> curate, then
 publish the run's artifacts and, when asked (the nightly deployment), the curated dataset as a new version.
 
+The stages are the tasks of the stage flows (flows/train.py, embed.py, score.py, curate.py), called as tasks
+of this one flow run: one run graph, and every stage's log lines in this run's Logs tab.
+
 Its parameters are what a person fills in: a config file (the shipped ones are a dropdown), overrides
 merged onto THAT file, the run directory, ``force``, and where to publish the curated dataset.
 """
@@ -12,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prefect import flow, task
+from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
@@ -22,11 +25,11 @@ from dvemb.curate.publish import publish_version, read_version
 from dvemb.pipeline import config_yaml, preflight, resolve_config
 from dvemb.store.rundir import RunDir
 from flows.common import DEFAULT_CONFIG, ConfigFile, io_task, own_partial_run, resolve_out, run_time
-from flows.curate import curate
-from flows.embed import embed
+from flows.curate import curate_data
+from flows.embed import compose, count_segments, embed_segment
 from flows.report import publish as publish_run
-from flows.score import score
-from flows.train import train
+from flows.score import score_occurrences
+from flows.train import train_model
 
 log = logging.getLogger("dvemb.flows")
 PUBLISHED_EVENT = "dvemb.dataset.published"
@@ -118,13 +121,14 @@ def pipeline(
     log.info("pipeline %s (scheduled %s) -> %s", cfg.name, run_time().isoformat(timespec="seconds"), run)
     timings: dict[str, float] = {}
     with stopwatch(timings, "train"):
-        run = train(cfg, run, force)
+        train_model(cfg, run, force)
     with stopwatch(timings, "embed"):
-        run = embed(cfg, run)
+        segments = embed_segment.map(unmapped(run), range(count_segments(run)), unmapped(cfg.embed))
+        compose(run, segments.result())
     with stopwatch(timings, "score"):
-        run = score(cfg, run)
+        score_occurrences(cfg, run)
     with stopwatch(timings, "curate"):
-        run = curate(cfg, run)
+        curate_data(cfg, run)
     publish(run, timings, source)
     if publish_to:
         publish_dataset(run, publish_to, source)
