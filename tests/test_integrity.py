@@ -119,8 +119,9 @@ def test_status_of_an_intact_run(base):
     [
         ("garbage", "checkpoints/step-000004.safetensors", "manifest.json says"),
         ("flip", "checkpoints/step-000007.safetensors", "content differs from its sha256"),
-        ("half", "embeddings/seg-0001-rank-0.arrow", "unreadable arrow file"),
-        ("half", "grads/seg-0000-rank-0.arrow", "unreadable arrow file"),
+        ("half", "embeddings/seg-0001-rank-0.arrow", "manifest.json says"),
+        ("half", "grads/seg-0000-rank-0.arrow", "manifest.json says"),
+        ("half, no manifest", "grads/seg-0001-rank-0.arrow", "unreadable arrow file"),
         ("half", "scores/occurrences.parquet", "manifest.json says"),
         ("garbage", "run.json", "manifest.json says"),
         ("garbage", "manifest.json", "damaged manifest"),
@@ -131,8 +132,10 @@ def test_status_names_each_damaged_file(copy, damage, file, reason):
     raw = p.read_bytes()
     if damage == "garbage":
         p.write_bytes(b"{ not what was written")
-    elif damage == "half":
+    elif damage.startswith("half"):
         p.write_bytes(raw[: len(raw) // 2])
+        if "no manifest" in damage:  # the format alone: Arrow IPC footer missing
+            (copy / "manifest.json").unlink()
     else:  # one byte of tensor data: same size, readable header
         b = bytearray(raw)
         b[-3] ^= 0x01
