@@ -205,3 +205,18 @@ def test_cuda_rows_are_copied_before_the_source_changes(tmp_path):
     with SegmentWriter(tmp_path / "cpu.arrow", DIMS, asynchronous=False) as w:
         w.write_steps(recs)
     assert (tmp_path / "gpu.arrow").read_bytes() == (tmp_path / "cpu.arrow").read_bytes()
+
+
+def test_closed_segment_is_recorded_in_the_run_manifest(tmp_path):
+    """Inside a run directory the finished file gets its size and sha256 in manifest.json; an aborted one nothing."""
+    from dvemb.store.integrity import file_digest, read_manifest
+
+    (tmp_path / "run.json").write_text("{}")
+    with SegmentWriter(tmp_path / "grads" / "seg-0000-rank-0.arrow", DIMS) as w:
+        w.write_steps(records(3))
+    with pytest.raises(RuntimeError), SegmentWriter(tmp_path / "grads" / "seg-0001-rank-0.arrow", DIMS) as w:
+        w.write_steps(records(2, first=3))
+        raise RuntimeError("training died")
+    size, sha = file_digest(tmp_path / "grads" / "seg-0000-rank-0.arrow")
+    assert read_manifest(tmp_path) == {"grads/seg-0000-rank-0.arrow": {"size": size, "sha256": sha}}
+    assert sorted(p.name for p in (tmp_path / "grads").iterdir()) == ["seg-0000-rank-0.arrow"]

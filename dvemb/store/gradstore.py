@@ -26,7 +26,7 @@ import torch
 
 from dvemb.capture.projection import LayerProjection
 from dvemb.errors import ProjectionMismatchError, StoreError
-from dvemb.store.atomic import temp_path_for, write_json
+from dvemb.store.atomic import finalize, temp_path_for, write_json
 from dvemb.types import ProjectionConfig, StepGrads
 
 SCHEMA_VERSION = 1
@@ -243,7 +243,7 @@ class SegmentWriter:
         self._tmp.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Write what is queued, finish the file and move it into place."""
+        """Write what is queued, finish the file and move it into place (recorded in a run's manifest)."""
         if self._done:
             self._raise_failure()
             raise StoreError(f"{self.path.name}: close() after the writer was closed or aborted")
@@ -256,7 +256,7 @@ class SegmentWriter:
             self._discard()
             raise
         self._done = True
-        os.replace(self._tmp, self.path)
+        finalize(self._tmp, self.path)
 
     def abort(self) -> None:
         """Drop the temporary file (queued steps are not written); nothing appears under the final name."""
