@@ -5,8 +5,8 @@ Every file finalised through :mod:`dvemb.store.atomic` inside a run directory (a
 
     {"schema_version": 1, "files": {"grads/seg-0000-rank-0.arrow": {"size": 123, "sha256": "…"}, …}}
 
-The manifest is rewritten atomically under an exclusive ``flock`` on ``RUN/.manifest.lock``, so
-stages writing from several threads or processes (parallel segments) never lose an entry.
+The manifest is rewritten atomically under an exclusive ``flock`` on the run folder, so stages
+writing from several threads or processes (parallel segments) never lose an entry.
 
 :func:`check_file` says why a file is damaged: unreadable structure (JSON that does not parse, a
 Parquet / Arrow IPC file without its footer, a safetensors header that does not cover the file),
@@ -28,7 +28,6 @@ from pathlib import Path
 from dvemb.errors import DamagedFileError
 
 MANIFEST = "manifest.json"
-LOCK = ".manifest.lock"
 SCHEMA_VERSION = 1
 RUN_MARKER = "run.json"
 _DEPTH = 3  # RUN/run.json, RUN/grads/x, RUN/eval/sub/x
@@ -60,12 +59,13 @@ def file_digest(path: str | os.PathLike[str], chunk: int = 1 << 20) -> tuple[int
 
 @contextmanager
 def _locked(root: Path) -> Iterator[None]:
-    with open(root / LOCK, "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    """An exclusive flock on the run folder itself (no lock file is left in the run)."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def read_manifest(root: str | os.PathLike[str]) -> dict[str, dict]:
