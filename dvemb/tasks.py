@@ -29,5 +29,7 @@ class GPTTask(LanguageModelTask):
         if info.kind != "text" or info.block_size is None:
             raise TaskError(f"task 'gpt' needs a text table (tokens); the training table holds {info.kind}")
         return GPT(
-            GPTConfig(vocab_size=info.n_out, block_size=info.block_size, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd)
+            GPTConfig(
+                vocab_size=info.n_out, block_size=info.block_size, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd
+            )
         )

@@ -25,9 +25,9 @@ import torch
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
 from dvemb.checks import record_segments_used
 from dvemb.embed.curvature import check_curvature, concat_records, curvature_path, fisher_vectors
+from dvemb.replay.optim import OptimizerSpec, torch_state
 from dvemb.store.atomic import atomic_path
 from dvemb.store.gradstore import SegmentWriter, write_projection
-from dvemb.replay.optim import OptimizerSpec, torch_state
 from dvemb.store.rundir import RunDir, save_tensors
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,7 @@ class GradientLogger(L.Callback):
         self._names = {id(p): n for n, p in pl_module.model.named_parameters()}
         clip = getattr(getattr(pl_module, "cfg", None), "grad_clip", None)
         spec = OptimizerSpec.from_torch(trainer.optimizers[0], self._names, grad_clip=clip)
-        self.run.update_meta(
-            boundaries=self.boundaries, total_steps=total, status="training", optimizer=spec.to_json()
-        )
+        self.run.update_meta(boundaries=self.boundaries, total_steps=total, status="training", optimizer=spec.to_json())
         record_segments_used(self.run, self.segments)
 
     def _save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
