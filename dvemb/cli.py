@@ -211,7 +211,9 @@ def status(
             meta = run.meta()
         except DamagedFileError:
             meta = None
-        if meta is not None:
+        if meta is None:
+            console.print("[bold red]run     run.json damaged[/]: stages unknown")
+        else:
             line = f"run     status {meta.get('status', 'unknown')!r}"
             if meta.get("error"):
                 line += f": {meta['error']}"
