@@ -175,6 +175,7 @@ def _closed_loop(deployed: dict[str, Any], tmp: Path, name: str, execute: Callab
     }
     log = tmp / "executor.log"
     due = datetime.now(UTC) + timedelta(seconds=3)  # the first run; then hourly (never reached in a test)
+    hourly_from_due = IntervalSchedule(interval=timedelta(hours=1), anchor_date=due)
     with get_client(sync_client=True) as client:
         client.update_deployment(retrain.id, DeploymentUpdate(parameters={"seeds": [0, 1]}))
         test_id = client.create_deployment(
@@ -187,7 +188,7 @@ def _closed_loop(deployed: dict[str, Any], tmp: Path, name: str, execute: Callab
             job_variables=nightly.job_variables,
             parameters=params,
             parameter_openapi_schema=nightly.parameter_openapi_schema,
-            schedules=[DeploymentScheduleCreate(schedule=IntervalSchedule(interval=timedelta(hours=1), anchor_date=due))],
+            schedules=[DeploymentScheduleCreate(schedule=hourly_from_due)],
         )
 
         def run_of(deployment_id: Any, match: Callable[[Any], bool] = lambda r: True) -> Callable[[], Any]:
