@@ -30,8 +30,9 @@ def store_rows(r: dict, label: str) -> list[str]:
     rows = []
     for i, v in enumerate(r["variants"]):
         io = "write_ms_median" in v
+        first = f" {label} " if i == 0 else " "
         rows.append(
-            f"| {label if i == 0 else ''} | {v['variant']} | {v['ms_per_step']:.2f} | **{v['ratio_median']:.2f}** "
+            f"|{first}| {v['variant']} | {v['ms_per_step']:.2f} | **{v['ratio_median']:.2f}** "
             f"({v['ratio_min']:.2f}–{v['ratio_max']:.2f}) | "
             + (
                 f"{v['write_ms_median']:.2f} / {v['write_ms_max']:.2f} | {v['close_ms_median']:.1f} | "
