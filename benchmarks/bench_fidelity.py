@@ -42,13 +42,15 @@ from dvemb.data.fetch import load_digits_arrays, load_mnist5k
 from dvemb.embed.curvature import as_curvature, fisher_vectors
 from dvemb.embed.direct import direct_scores
 from dvemb.eval.baselines import grad_dot, influence_function, tracin_cp
-from dvemb.eval.groundtruth import Trajectory, all_epoch_loo, tsloo_points
+from dvemb.eval.groundtruth import all_epoch_loo, tsloo_points
 from dvemb.eval.metrics import pearson, spearman
 from dvemb.eval.replay import Batch, Params, sgd_step
 from dvemb.models import MLP, MLPConfig
+from dvemb.replay.optim import OptimizerSpec, StepHyper
+from dvemb.replay.trajectory import LossModel, RecordedStep, Trajectory
 from dvemb.score.validation import validation_gradients
 from dvemb.store.atomic import atomic_path
-from dvemb.task import Task
+from dvemb.task import ClassificationTask, Task
 from dvemb.types import ProjectionConfig, Schedule, StepGrads
 
 try:  # run as a module (python -m benchmarks.bench_fidelity) or loaded from a path by the tests
@@ -134,13 +136,21 @@ class Experiment:
     steps_per_epoch: int
 
     def trajectory(self) -> Trajectory:
+        """The run as dvemb.replay sees a recorded one (plain SGD, one param group), for the ground truth."""
+        names = tuple(n for n, _ in self.model.named_parameters())
+        steps = [
+            RecordedStep(b.sample_ids, {"sample_id": b.sample_ids, "x": b.x, "y": b.y}, b.weights, hyper)
+            for t, b in enumerate(self.batches)
+            for hyper in [StepHyper(*((v,) for v in self.schedule.at(t)))]
+        ]
         return Trajectory(
-            self.model,
-            self.batches,
-            self.schedule,
+            LossModel(ClassificationTask(), self.model),
+            OptimizerSpec("sgd", (names,)),
+            steps,
             [t // self.steps_per_epoch for t in range(len(self.batches))],
             {0: self.params[0]},
-            self.val,
+            {0: {}},
+            [val_batch(self.val)],
             torch.float64,
             torch.float64,
         )

@@ -61,7 +61,7 @@ class GradientLogger(L.Callback):
         self.run, self.projection, self.segments = run, projection, segments
         self.curvature, self.fisher_samples = curvature, fisher_samples
         self._curv_writer: SegmentWriter | None = None
-        self._curv_inputs: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self._curv_inputs: list[tuple[torch.Tensor, dict, float]] = []  # (ids, micro-batch, w) of the step
         self._curv_rec = None
         self.layers, self.reduction = layers, reduction
         self.capture: GradientCapture | None = None
@@ -119,13 +119,14 @@ class GradientLogger(L.Callback):
                 self._curv_writer = SegmentWriter(path, dims, dtype=self.projection.dtype, kind="curvature")
         scaler = self._scaler(trainer)
         self._scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        ids = batch["sample_id"]
+        task = getattr(pl_module, "task", None)
+        ids = task.sample_ids(batch) if task is not None else batch["sample_id"]
         w = loss_weight(self.reduction, len(ids), trainer.accumulate_grad_batches)
         self._ctx = self.capture.micro_batch(ids, weight=w, loss_scale=self._scale)
         self._ctx.__enter__()
         self._step_before = step
         if self.curvature != "empirical":
-            self._curv_inputs.append((ids, batch["x"], w))
+            self._curv_inputs.append((ids, batch, w))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         group = optimizer.param_groups[0]
@@ -140,15 +141,16 @@ class GradientLogger(L.Callback):
                 fisher_vectors(
                     pl_module.model,
                     self.capture,
-                    x,
+                    batch,
                     w,
                     self.curvature,
                     self.fisher_samples,
+                    task=getattr(pl_module, "task", None),
                     sample_ids=ids,
                     step=step,
                     generator=gen,
                 )
-                for ids, x, w in self._curv_inputs
+                for ids, batch, w in self._curv_inputs
             ]
             self._curv_rec = concat_records(parts, step)
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dvemb.replay.optim import Params, State, optimizer_step
 from dvemb.replay.trajectory import Trajectory, check_boundary
@@ -77,7 +78,8 @@ def exact_scores(
             grad = torch.autograd.grad(f(p), list(trained.values()))
             adjoints[b] = _Adjoint(dict(zip(trained, grad)), {})
         for t in range(b - 1, a - 1, -1):
-            adjoints, scores = _reverse_step(traj, t, *states[t - a], adjoints)
+            with sdpa_kernel([SDPBackend.MATH]):  # the fused attention kernels have no double backward
+                adjoints, scores = _reverse_step(traj, t, *states[t - a], adjoints)
             states[t - a + 1] = None  # free theta_{t+1}: peak memory stays one segment
             for c, sc in scores.items():
                 out[c][t] = sc

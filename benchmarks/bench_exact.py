@@ -1,0 +1,190 @@
+"""Fidelity of the exact replay scorer and the embedding modes per phase, through dvemb's own pipeline code.
+
+Each regime is a real dvemb run (Lightning training with capture, fp64, sklearn digits, MLP 64 -> 32 -> 10
+tanh, batch 32, 1000 training / 300 validation rows, 4 segments) trained with the optimizer named:
+
+* ``sgd-long``: plain SGD, 10 epochs, lr 0.2 (the long regime of bench_fidelity);
+* ``momentum``: SGD momentum 0.9, 5 epochs, lr 0.05;
+* ``adamw-5ep``: AdamW lr 3e-3, 5 epochs; ``adamw-15ep``: AdamW lr 1e-2, 15 epochs (weight decay 0.01).
+
+Ground truth: exact TSLOO (one occurrence removed, the recorded trajectory replayed through the real
+optimizer, dvemb.eval.groundtruth) for ``--points`` occurrences of the FIRST epoch and as many of the
+LAST epoch. Estimators, all scored at the final checkpoint:
+
+* ``exact`` — score.mode exact (one reverse sweep through the optimizer's step map);
+* ``sgd-proxy-empirical`` / ``sgd-proxy-fisher-model`` — the SGD recursion of the embedding / direct
+  modes on the captured gradients (what dvemb did with every optimizer before the replay scorer),
+  unprojected and at 32x32;
+* ``adam-*`` — the Adam-aware direct mode (linearised AdamW state), where the optimizer is AdamW.
+
+Reported per phase: Spearman and Pearson vs TSLOO and the least-squares scale (the factor s minimising
+||tsloo - s * estimate||; 1 = calibrated). Cost: wall time of the exact sweep over the time of replaying
+the same trajectory forward once (the training arithmetic, no capture) and over Lightning's training time.
+
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_exact            # about 10 minutes on 2 cores
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_exact --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dvemb.config import load_config
+from dvemb.embed.curvature import curvature_fn
+from dvemb.embed.direct import direct_scores
+from dvemb.eval.groundtruth import choose_points, tsloo_points
+from dvemb.eval.metrics import pearson, spearman
+from dvemb.replay.exact import exact_scores
+from dvemb.replay.trajectory import load_trajectory, replay_range
+from dvemb.score.run import val_vectors
+from dvemb.store.gradstore import read_segment
+from dvemb.store.rundir import RunDir
+from dvemb.store.trajectory import read_schedule
+from dvemb.train.run import train
+
+try:  # run as a module (python -m benchmarks.bench_exact) or loaded from a path by the tests
+    from benchmarks.common import RESULTS, machine_info, replace_doc_block, write_json_atomic
+except ImportError:  # pragma: no cover
+    RESULTS = machine_info = replace_doc_block = write_json_atomic = None
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = [
+    "data.subset=1000",
+    "data.eval_subset=300",
+    "train.precision=64-true",
+    "capture.dtype=float64",
+    "embed.dtype=float64",
+    "embed.segments=4",
+    "embed.curvature=fisher",
+]
+REGIMES = {
+    "sgd-long": ["train.epochs=10", "train.lr=0.2"],
+    "momentum": ["train.epochs=5", "train.lr=0.05", "train.momentum=0.9"],
+    "adamw-5ep": ["train.epochs=5", "train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.01"],
+    "adamw-15ep": ["train.epochs=15", "train.optimizer=adamw", "train.lr=0.01", "train.weight_decay=0.01"],
+}
+PROJECTIONS = {"full": ["capture.k_a=null", "capture.k_s=null"], "32x32": ["capture.k_a=32", "capture.k_s=32"]}
+
+
+def ls_scale(est: np.ndarray, truth: np.ndarray) -> float:
+    """argmin_s ||truth - s * est||^2."""
+    return float(est @ truth / max(est @ est, 1e-300))
+
+
+def phase_metrics(est: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    return {"spearman": spearman(est, truth), "pearson": pearson(est, truth), "scale": ls_scale(est, truth)}
+
+
+def sgd_proxy(run: RunDir, cfg, curvature: str, blocks: str) -> list[torch.Tensor]:
+    """Per-step scores at T of the SGD recursion (direct mode == embedding mode) on the captured gradients."""
+    b = run.boundaries
+    recs = [r for j in range(len(b) - 1) for r in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads")]
+    curv = curvature_fn(run, curvature, range(len(b) - 1))
+    v = val_vectors(run, cfg, b[-1])
+    return [s[:, 0] for s in direct_scores(recs, read_schedule(run), v, torch.float64, curvature=curv, blocks=blocks)]
+
+
+def run_regime(name: str, projection: str, points: int, workdir: Path, quick: bool) -> dict:
+    sets = BASE + REGIMES[name] + PROJECTIONS[projection]
+    if quick:
+        sets += ["train.epochs=2", "data.subset=256", "data.eval_subset=64"]
+    cfg = load_config(ROOT / "configs" / "digits_mlp.yaml", sets)
+    run = RunDir(workdir / f"{name}-{projection}")
+    t0 = time.perf_counter()
+    train(cfg, run, force=True, progress=False)
+    t_train = time.perf_counter() - t0
+    traj = load_trajectory(run)
+    t0 = time.perf_counter()
+    replay_range(traj, traj.checkpoints[0], traj.opt_states[0], 0, traj.num_steps)
+    t_forward = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exact = exact_scores(traj)[traj.boundaries[-1]]
+    t_exact = time.perf_counter() - t0
+    estimates = {"exact": exact} if projection == "full" else {}
+    estimates["sgd-proxy-empirical"] = sgd_proxy(run, cfg, "empirical", "layer")
+    estimates["sgd-proxy-fisher-model"] = sgd_proxy(run, cfg, "fisher", "model")
+    phases = {}
+    for phase in ("first", "last"):
+        occ = choose_points(traj, points, seed=1, first_epoch=phase == "first", last_epoch=phase == "last")
+        truth = tsloo_points(traj, occ).numpy()
+        phases[phase] = {
+            "n": len(occ),
+            "epoch": traj.epochs[occ[0][0]],
+            "estimators": {
+                k: phase_metrics(np.array([float(v[t][p]) for t, p in occ]), truth) for k, v in estimates.items()
+            },
+        }
+    return {
+        "regime": name,
+        "projection": projection,
+        "overrides": sets,
+        "steps": traj.num_steps,
+        "replay_rel_error": None,
+        "seconds": {"train_lightning": t_train, "replay_forward": t_forward, "exact_sweep": t_exact},
+        "exact_over_forward_replay": t_exact / t_forward,
+        "exact_over_lightning_training": t_exact / t_train,
+        "phases": phases,
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| regime | projection | estimator | first epoch: Spearman / Pearson / scale "
+        "| last epoch: Spearman / Pearson / scale |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        first, last = r["phases"]["first"], r["phases"]["last"]
+        for est in first["estimators"]:
+            f, la = first["estimators"][est], last["estimators"][est]
+            lines.append(
+                f"| {r['regime']} | {r['projection']} | {est} | {f['spearman']:.3f} / {f['pearson']:.3f} / "
+                f"{f['scale']:.2f} | {la['spearman']:.3f} / {la['pearson']:.3f} / {la['scale']:.2f} |"
+            )
+    lines += [
+        "",
+        "| regime | steps | exact sweep / forward replay | exact sweep / Lightning training |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        if r["projection"] == "full":
+            lines.append(
+                f"| {r['regime']} | {r['steps']} | {r['exact_over_forward_replay']:.2f}x | "
+                f"{r['exact_over_lightning_training']:.2f}x |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny runs (smoke test)")
+    ap.add_argument("--points", type=int, default=100, help="TSLOO occurrences per phase")
+    ap.add_argument("--regimes", nargs="*", default=list(REGIMES))
+    ap.add_argument("--projections", nargs="*", default=list(PROJECTIONS))
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
+    args = ap.parse_args()
+    torch.set_default_dtype(torch.float64)
+    points = 8 if args.quick else args.points
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-exact-") as tmp:
+        for name in args.regimes:
+            for projection in args.projections:
+                r = run_regime(name, projection, points, Path(tmp), args.quick)
+                results.append(r)
+                print(table([r]), flush=True)
+    payload = {"machine": machine_info("cpu"), "quick": args.quick, "points": points, "results": results}
+    out = args.out or RESULTS / f"bench_exact{'_quick' if args.quick else ''}_cpu.json"
+    write_json_atomic(out, payload)
+    if not args.quick:
+        replace_doc_block(ROOT / "docs" / "RESULTS.md", "bench_exact", table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
