@@ -53,3 +53,51 @@ def test_digits_cnn_user_task_runs_end_to_end(tmp_path, at_root):
     assert layers["1"]["d_in"] == 1 * 3 * 3 + 1 and layers["3"]["d_in"] == 8 * 3 * 3 + 1
     final = assert_every_occurrence_scored(run)
     assert final["step"].n_unique() == 2 * 4  # 128 rows / 32 per batch, 2 epochs
+
+
+def test_shakespeare_hf_variable_length_rows_end_to_end(tmp_path, at_root):
+    """configs/shakespeare_hf.yaml, tiny: a HF GPT-2 (Conv1D, token embedding tied to lm_head) on ragged rows.
+
+    Every occurrence is scored and the report written; and each gradient recorded at step 0 equals the
+    projected gradient of that row's loss computed alone, without padding (torch.func, fp64).
+    """
+    import pyarrow.parquet as pq
+    import torch
+    from torch.func import functional_call, grad
+
+    from dvemb.capture.projection import LayerProjection, Projector
+    from dvemb.runtask import model_at, task_of
+    from dvemb.store.gradstore import read_segment
+    from dvemb.store.rundir import RunDir
+
+    run = tmp_path / "hf"
+    tiny = ["data.subset=16", "data.eval_subset=8", "data.block_size=24", "task_options.n_layer=1",
+            "task_options.n_embd=16", "embed.segments=2", "train.precision=64-true",
+            "capture.dtype=float64"]  # fmt: skip
+    run_cli("configs/shakespeare_hf.yaml", run, *tiny)
+    assert_every_occurrence_scored(run)
+    proj = json.loads((run / "grads" / "projection.json").read_text())["layers"]
+    assert sorted({s["layer"] for s in proj.values()}) == ["embedding", "hf_conv1d"]
+    assert proj["transformer.wte"]["d_in"] == 50257 and proj["transformer.wte"]["params"] == ["transformer.wte.weight"]
+
+    table = pq.read_table(run / "data" / "train.parquet")
+    rows = dict(zip(table.column("sample_id").to_pylist(), table.column("tokens").to_pylist()))
+    assert len({len(t) for t in rows.values()}) > 1  # variable length
+    rd = RunDir(run)
+    task, model = task_of(rd), model_at(rd, 0)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    rec = next(r for r in read_segment(rd.grads(0)) if r.step == 0)
+    assert len({len(rows[int(i)]) for i in rec.sample_ids}) > 1  # the step's batch was padded
+    for r, sid in enumerate(rec.sample_ids.tolist()):
+        t = torch.tensor(rows[sid])[None]
+        alone = {"x": t[:, :-1], "y": t[:, 1:]}
+
+        def loss(p, alone=alone):
+            return task.per_sample_loss(lambda **kw: functional_call(model, p, (), kw), alone)[0]
+
+        g = grad(loss)(params)
+        for name, spec in proj.items():
+            w = g[spec["params"][0]]
+            full = w.T if spec["layer"] == "embedding" else torch.cat([w.T, g[spec["params"][1]][:, None]], 1)
+            want = rec.weights[r] * Projector(LayerProjection.from_json(spec), torch.float64).project_matrix(full)
+            torch.testing.assert_close(rec.grads[name][r], want, rtol=1e-6, atol=1e-12)

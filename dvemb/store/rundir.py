@@ -182,9 +182,16 @@ class RunDir:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Atomic safetensors write (contiguous CPU copies)."""
+    """Atomic safetensors write (contiguous CPU copies; a tensor sharing memory with an earlier one, e.g. a
+    weight tied to another, is stored as its own copy under its own name)."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(out, str(tmp), metadata=metadata)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
