@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
+from pydantic import Field
 
 from dvemb.errors import DvembError
 from dvemb.pipeline import config_files
@@ -23,7 +24,7 @@ DEFAULT_CONFIG = "configs/digits_mlp.yaml"
 # The deployment form shows the shipped configs as a dropdown; any other path (absolute, or relative to
 # the worker's working directory) is accepted too.
 _SHIPPED = tuple(config_files()) or (DEFAULT_CONFIG,)
-ConfigFile = Literal[_SHIPPED] | str  # type: ignore[valid-type]
+ConfigFile = Annotated[Literal[_SHIPPED], Field(title="configs/")] | Annotated[str, Field(title="path")]  # type: ignore[valid-type]
 
 
 class RunLogHandler(APILogHandler):

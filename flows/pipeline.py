@@ -101,7 +101,7 @@ def pipeline(
     overrides: list[str] = [],  # noqa: B006 (a Prefect form default; never mutated)
     out: str = "runs/{name}-{now:%Y%m%d-%H%M%S}",
     force: bool = False,
-    publish_to: str | None = None,
+    publish_to: str = "",
 ) -> str:
     """Train, embed, score and curate one run; publish its report and artifacts (and the curated dataset).
 
@@ -113,9 +113,9 @@ def pipeline(
         out: the run directory to create. {name} is the config's name, {now:%Y%m%d} the run's scheduled
             time (a retry resolves to the same folder). It must not hold a run unless force is set.
         force: overwrite out if it already holds a run (its files are deleted first).
-        publish_to: a datasets folder: publish the curated table as its next immutable version
-            <publish_to>/<name>/vNNNN and emit the dvemb.dataset.published event that starts the retrain
-            deployment. Empty: do not publish.
+        publish_to: a datasets folder (e.g. datasets): publish the curated table as its next immutable
+            version, datasets/NAME/vNNNN, and emit the dvemb.dataset.published event that starts the
+            retrain-curated deployment. Empty: do not publish.
     """
     cfg, run, force, source = resolve(config, list(overrides), out, force)
     log.info("pipeline %s (scheduled %s) -> %s", cfg.name, run_time().isoformat(timespec="seconds"), run)
