@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +102,99 @@ def test_shakespeare_hf_variable_length_rows_end_to_end(tmp_path, at_root):
             full = w.T if spec["layer"] == "embedding" else torch.cat([w.T, g[spec["params"][1]][:, None]], 1)
             want = rec.weights[r] * Projector(LayerProjection.from_json(spec), torch.float64).project_matrix(full)
             torch.testing.assert_close(rec.grads[name][r], want, rtol=1e-6, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- docs/TASKS.md, executed
+
+TASKS_DOC = ROOT / "docs" / "TASKS.md"
+
+
+def doc_blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", TASKS_DOC.read_text(), flags=re.S)
+
+
+def test_bring_your_own_model_is_under_40_lines_and_is_the_shipped_example():
+    """docs/TASKS.md §1: the task block + config block stay under 40 lines, and the task builds the same
+    model as examples/digits_cnn.py and passes the pre-flight check on a digits batch."""
+    import torch
+
+    from dvemb.data import load_source
+    from dvemb.data.datamodule import TableDataset
+    from dvemb.task import DataInfo, check_batch
+    from examples.digits_cnn import DigitsCNN
+
+    task_src, config_src = doc_blocks("python")[0], doc_blocks("yaml")[0]
+    lines = [ln for ln in (task_src + config_src).splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert len(lines) < 40
+    ns: dict = {}
+    exec(compile(task_src, "docs/TASKS.md", "exec"), ns)
+    info = DataInfo("features", 64, 10)
+    torch.manual_seed(0)
+    doc_model = ns["DigitsCNN"](channels=8).build_model(info)
+    torch.manual_seed(0)
+    shipped = DigitsCNN(channels=8).build_model(info)
+    assert str(doc_model) == str(shipped)
+    assert all(torch.equal(a, b) for a, b in zip(doc_model.parameters(), shipped.parameters()))
+    batch = TableDataset(load_source("digits")["train"]).batch(list(range(16)))
+    assert check_batch(ns["DigitsCNN"](), doc_model, batch).shape == (16,)
+
+
+def test_plain_pytorch_loop_in_docs():
+    """docs/TASKS.md §5 runs as written; its scores of the last four steps' occurrences track the true
+    trajectory-specific leave-one-out (retraining those steps without each occurrence).
+
+    Measured: Spearman 0.94, Pearson 0.97 over 220 occurrences. Not exact: the classifier's input side is
+    projected 289 -> 32 and the score is first order; the bounds leave room for neither to matter.
+    """
+    import copy
+
+    import torch
+    from scipy.stats import pearsonr, spearmanr
+    from torch.nn import functional as F
+
+    (src,) = [b for b in doc_blocks("python") if "embed_steps" in b]
+    ns: dict = {}
+    exec(compile(src, "docs/TASKS.md", "exec"), ns)
+    x, y, val_ids, records, occ = ns["x"], ns["y"], ns["val_ids"], ns["records"], ns["occurrences"]
+    assert occ.height == sum(len(r.sample_ids) for r in records) == 2 * 1500  # every occurrence scored
+    assert ns["values"].height == 1500 and np.isfinite(occ["score"].to_numpy()).all()
+
+    def replay(model, steps, drop=None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for t in steps:
+            ids = records[t].sample_ids
+            w = torch.full((len(ids),), 1.0 / len(ids))
+            if drop is not None and drop[0] == t:
+                w[ids == drop[1]] = 0.0  # that occurrence left out; the others keep their weight
+            opt.zero_grad()
+            (w * F.cross_entropy(model(x[ids]), y[ids], reduction="none")).sum().backward()
+            opt.step()
+        return model
+
+    def val_loss(model):
+        with torch.no_grad():
+            return float(F.cross_entropy(model(x[val_ids]).double(), y[val_ids]))
+
+    last = len(records) - 4
+    before = replay(ns["make_model"](), range(last))
+    final = replay(copy.deepcopy(before), range(last, len(records)))
+    assert all(torch.equal(a, b) for a, b in zip(final.parameters(), ns["model"].parameters()))  # same run
+    base = val_loss(final)
+    rows = [
+        (s, z, val_loss(replay(copy.deepcopy(before), range(last, len(records)), (s, z))) - base)
+        for s in range(last, len(records))
+        for z in records[s].sample_ids.tolist()
+    ]
+    truth = pl.DataFrame(rows, schema=["step", "sample_id", "tsloo"], orient="row")
+    both = truth.join(occ, on=["step", "sample_id"])
+    assert both.height == truth.height == 220
+    assert spearmanr(both["tsloo"], both["score"]).statistic >= 0.85
+    assert pearsonr(both["tsloo"], both["score"]).statistic >= 0.9
+
+
+def test_tasks_doc_cites_only_tests_that_exist():
+    sources = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
+    cited = set(re.findall(r"(?<![/\w])(test_\w+)\b(?!\.py)", TASKS_DOC.read_text()))
+    assert len(cited) > 10
+    missing = sorted(name for name in cited if f"def {name}(" not in sources)
+    assert not missing, missing
