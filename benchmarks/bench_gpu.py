@@ -113,7 +113,7 @@ QUICK = Shapes(
     direct_v=(4,),
     exact_context=16,
     exact_steps=2,
-    budgets_s={"gemm": 5, "capture": 30, "embed": 10, "exact": 20},
+    budgets_s={"gemm": 2, "capture": 30, "embed": 3, "exact": 20},
 )
 
 

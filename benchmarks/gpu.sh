@@ -3,6 +3,7 @@
 # store, then every GPU measurement (benchmarks/bench_gpu.py, < 8 min on an H200). Rerunnable.
 #
 #   benchmarks/gpu.sh [bench_gpu flags, e.g. --sections capture,embed]
+#   benchmarks/gpu.sh --quick --device cpu --out /tmp/x.json   # CPU smoke run (tests/test_benchmarks_smoke.py)
 #
 # Needs python3 with torch (CUDA), transformers, pyarrow, rich; no polars, pydantic or prefect.
 # Writes benchmarks/results/bench_gpu_cuda.json (copied to $OUT when that is set) and prints a summary;
@@ -16,7 +17,8 @@ echo "== environment"
 "$PY" -m pip show torch transformers lightning pyarrow tokenizers rich typer safetensors polars pydantic prefect \
     2>/dev/null | grep -E '^(Name|Version):' | paste - - || true
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
-"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())' || exit 1
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+    torch.cuda.get_device_name() if torch.cuda.is_available() else "(no CUDA device)")' || exit 1
 
 echo "== CUDA tests of the gradient store (pinned-memory copies)"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_gradstore_async.py || echo "!! store tests failed (measuring anyway)"
@@ -24,7 +26,7 @@ echo "== CUDA tests of the gradient store (pinned-memory copies)"
 echo "== measurements"
 timeout 450 "$PY" -m benchmarks.bench_gpu --device cuda "$@"
 rc=$?
-if [ -n "${OUT:-}" ]; then
-    cp benchmarks/results/bench_gpu_cuda.json "$OUT"/ 2>/dev/null || true
+if [ -n "${OUT:-}" ] && [ -f benchmarks/results/bench_gpu_cuda.json ]; then
+    cp benchmarks/results/bench_gpu_cuda.json "$OUT"/
 fi
 exit $rc

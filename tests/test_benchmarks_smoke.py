@@ -46,10 +46,11 @@ def test_curation_benchmark_quick_mode(tmp_path):
     assert {"prior-value selection at every step", "online selection at every step"} <= variants
 
 
-# The GPU machine has torch, transformers, pyarrow, rich — not polars, pydantic or prefect. This runs
-# bench_gpu as if they were not installed: every finder answers "no such module" for them.
-HIDE_AND_RUN = """
-import runpy, sys
+# The GPU machine has torch, transformers, pyarrow, rich — not polars, pydantic or prefect. This
+# sitecustomize makes every Python that benchmarks/gpu.sh starts see them as not installed: no finder
+# finds their modules, no distribution lists them.
+HIDE = """
+import sys
 from importlib.abc import MetaPathFinder
 
 ABSENT = {"polars", "pydantic", "prefect"}
@@ -73,20 +74,27 @@ class Hide(MetaPathFinder):
 
 
 sys.meta_path[:] = [Hide(f) for f in sys.meta_path if hasattr(f, "find_spec")]
-sys.argv = ["bench_gpu", *sys.argv[1:]]
-runpy.run_module("benchmarks.bench_gpu", run_name="__main__")
-loaded = sorted(m for m in sys.modules if m.partition(".")[0] in ABSENT)
-assert not loaded, loaded
 """
 
 
-def test_gpu_benchmark_quick_mode_without_polars_pydantic_prefect(tmp_path):
-    """Every section of benchmarks/bench_gpu.py at toy shapes on the CPU, with only the GPU machine's packages."""
+def test_gpu_script_quick_mode_without_polars_pydantic_prefect(tmp_path):
+    """benchmarks/gpu.sh, every section at toy shapes on the CPU, with only the GPU machine's packages."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HIDE)
+    hidden = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('polars'), u.find_spec('pydantic'))"],
+        env=os.environ | {"PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+    )
+    assert hidden.stdout.split() == ["None", "None"], hidden.stderr
     out = tmp_path / "bench_gpu.json"
-    cmd = [sys.executable, "-c", HIDE_AND_RUN, "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(site), "PYTHON": sys.executable}
+    cmd = ["bash", "benchmarks/gpu.sh", "--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "passed" in res.stdout  # the store tests ran
     payload = json.loads(out.read_text())
     assert payload["gemm"][0]["tflops"] > 0
     cap = payload["capture"]
