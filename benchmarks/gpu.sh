@@ -14,8 +14,14 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 
 echo "== environment"
-"$PY" -m pip show torch transformers lightning pyarrow tokenizers rich typer safetensors polars pydantic prefect \
-    2>/dev/null | grep -E '^(Name|Version):' | paste - - || true
+"$PY" -c '
+from importlib import metadata
+for name in "torch transformers lightning pyarrow tokenizers rich typer safetensors polars pydantic prefect".split():
+    try:
+        print(f"{name:13s} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        print(f"{name:13s} (not installed)")
+'
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
     torch.cuda.get_device_name() if torch.cuda.is_available() else "(no CUDA device)")' || exit 1
