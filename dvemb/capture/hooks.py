@@ -89,7 +89,10 @@ class LayerProjector:
             member = self.members[0]
             if len(self.members) > 1:
                 ids = not x.is_floating_point()
-                member = next(m for m in self.members if m.kind.takes_ids == ids)
+                member = next((m for m in self.members if m.kind.takes_ids == ids), None)
+                if member is None:
+                    names = [m.name for m in self.members]
+                    raise CaptureError(f"layers {names}: none takes {'ids' if ids else 'a floating-point'} input")
         return member.kind.per_sample(self.projector, member.module, x, ds, member.swap)
 
     def project_matrix(self, grad_w: torch.Tensor) -> torch.Tensor:

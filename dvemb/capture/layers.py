@@ -5,17 +5,17 @@ column of ones where the layer has a bias, and only then) and how to get it from
 sees (the layer input ``x``) and what autograd hands a tensor hook (``ds``, the gradient w.r.t. the
 layer output), summed over tokens / spatial positions inside a sample:
 
-=========== ======================================= ======================================= =========
+=========== ======================================= ======================================= ================
 kind        module                                  G [d_out, d_in]                         G vs W
-=========== ======================================= ======================================= =========
-linear      ``nn.Linear``                           sum ds [x, 1]^T                          W | b
-hf_conv1d   ``transformers.pytorch_utils.Conv1D``   sum ds [x, 1]^T (a transposed Linear)    W^T | b
-conv1d      ``nn.Conv1d`` (groups=1)                sum_pos ds unfold(x)^T                   W.flatten(1) | b
-conv2d      ``nn.Conv2d`` (groups=1)                sum_pos ds unfold(x)^T                   W.flatten(1) | b
-embedding   ``nn.Embedding``                        sum ds onehot(ids)^T (ids, never dense)  W^T
-layernorm   ``nn.LayerNorm`` (affine)               [sum ds*x_hat, sum ds]                   [w, b]
-rmsnorm     ``nn.RMSNorm``, HF ``LlamaRMSNorm``     [sum ds*x_hat]                           [w]
-=========== ======================================= ======================================= =========
+=========== ======================================= ======================================= ================
+linear      ``nn.Linear``                           sum ds [x, 1]^T                         W | b
+hf_conv1d   ``transformers.pytorch_utils.Conv1D``   sum ds [x, 1]^T (a transposed Linear)   W^T | b
+conv1d      ``nn.Conv1d`` (groups=1)                sum_pos ds unfold(x)^T                  W.flatten(1) | b
+conv2d      ``nn.Conv2d`` (groups=1)                sum_pos ds unfold(x)^T                  W.flatten(1) | b
+embedding   ``nn.Embedding``                        sum ds onehot(ids)^T (ids, never dense) W^T
+layernorm   ``nn.LayerNorm`` (affine)               [sum ds*x_hat, sum ds]                  [w, b]
+rmsnorm     ``nn.RMSNorm``, HF ``LlamaRMSNorm``     [sum ds*x_hat]                          [w]
+=========== ======================================= ======================================= ================
 
 Norm layers have an elementwise weight: their gradient is the vector ``sum ds * x_hat`` (and
 ``sum ds`` for the bias), not an outer product; it is kept as a [d, 1 or 2] matrix, so the
