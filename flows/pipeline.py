@@ -45,7 +45,7 @@ def resolve(config: str, overrides: list[str], out: str, force: bool) -> tuple[R
     if not force and own_partial_run(out):
         log.warning("retry of this flow run: %s holds its own earlier, unfinished attempt; starting it over", out)
         force = True
-    preflight(cfg, out, force, force_name="the parameter force=true")
+    preflight(cfg, out, force, force_name="force=true (the CLI: --force)")
     log.info("run directory %s", out)
     return cfg, out, force, {"file": str(file), "overrides": list(overrides)}
 
