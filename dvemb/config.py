@@ -95,8 +95,11 @@ class TrainConfig(Section):
 class CaptureConfig(Section):
     k_a: int | None = Field(32, ge=1, description="input-side projection size; null = exact")
     k_s: int | None = Field(32, ge=1, description="output-gradient-side projection size; null = exact")
-    kind: Literal["kronecker", "elementwise"] = Field(
-        "kronecker", description="kronecker: k_s x k_a matrix; elementwise: a k_a * k_s tensor sketch"
+    kind: Literal["kronecker", "elementwise", "subsample"] = Field(
+        "kronecker",
+        description="kronecker: k_s x k_a Gaussian projection; elementwise: a k_a * k_s tensor sketch; subsample: "
+        "k_s x k_a of the gradient's own coordinates (keeps AdamW's elementwise state exact; the default of "
+        "AdamW runs)",
     )
     seed: int = 0
     dtype: Literal["float32", "float64"] = "float32"
@@ -119,8 +122,16 @@ class EmbedConfig(Section):
 
 
 class ScoreConfig(Section):
-    mode: Literal["embedding", "direct"] = "embedding"
+    mode: Literal["embedding", "direct", "exact"] = Field(
+        "exact",
+        description="exact: one reverse sweep through the recorded optimizer (exact curvature, one objective; "
+        "no gradient store needed); embedding / direct: the data value embeddings (approximate curvature, "
+        "any number of queries)",
+    )
     checkpoints: bool = Field(True, description="also score at every intermediate segment boundary")
+    replay_dtype: Literal["recorded", "float64"] = Field(
+        "recorded", description="exact mode: replay in the dtype the run was trained in, or in float64"
+    )
 
 
 class CurateConfig(Section):
@@ -168,6 +179,14 @@ class RunConfig(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
+
+    @model_validator(mode="after")
+    def _adamw_capture(self) -> RunConfig:
+        """AdamW runs capture a coordinate subset by default: the Adam-aware embedding modes need AdamW's
+        elementwise state in the stored coordinates (docs/RESULTS.md, bench_exact)."""
+        if self.train.optimizer == "adamw" and "kind" not in self.capture.model_fields_set:
+            self.capture.kind = "subsample"
+        return self
 
 
 class ConfigError(DvembError):

@@ -148,6 +148,7 @@ def test_training_captures_fisher_vectors(tmp_path):
         "embed.segments=2",
         "embed.curvature=fisher",
         "embed.dtype=float64",
+        "score.mode=embedding",
     ]
     cfg = load_config("configs/digits_mlp.yaml", sets)
     run = train(cfg, RunDir(tmp_path / "run"), progress=False)

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from scipy.stats import spearmanr
 from typer.testing import CliRunner
 
 from dvemb.cli import app
@@ -36,14 +37,30 @@ def final_scores(run_dir) -> np.ndarray:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     for name, extra in [
-        ("k1", ["embed.segments=1"]),
-        ("k4", ["embed.segments=4"]),
+        ("k1", ["embed.segments=1", "score.mode=embedding"]),
+        ("k4", ["embed.segments=4", "score.mode=embedding"]),
         ("direct", ["embed.segments=4", "score.mode=direct"]),
+        ("exact", ["embed.segments=4", "score.mode=exact"]),
     ]:
         sets = [a for e in extra for a in ("--set", e)]
         res = cli("run", "configs/digits_mlp.yaml", "--out", str(root / name), "--engine", "local", *FAST, *sets)
         assert res.exit_code == 0, res.output
     return root
+
+
+def test_exact_mode_ranks_against_groundtruth(runs):
+    """The default mode on the default config: exact scores vs `dvemb groundtruth` over all steps (first and
+    last epoch each), Spearman >= 0.95 (the embedding mode ranks ~0.6 here)."""
+    res = cli("groundtruth", str(runs / "exact"), "--points", "120")
+    assert res.exit_code == 0, res.output
+    gt = pl.read_parquet(runs / "exact" / "eval" / "groundtruth.parquet")
+    occ = pl.read_parquet(runs / "exact" / "scores" / "occurrences.parquet")
+    j = gt.join(occ.filter(pl.col("checkpoint") == occ["checkpoint"].max()), on=["step", "sample_id"])
+    assert j.height == gt.height
+    assert spearmanr(j["tsloo"], j["score"]).statistic >= 0.95
+    for e in (j["epoch"].min(), j["epoch"].max()):
+        part = j.filter(pl.col("epoch") == e)
+        assert spearmanr(part["tsloo"], part["score"]).statistic >= 0.95, e
 
 
 def test_segments_and_direct_mode_give_the_same_scores(runs):

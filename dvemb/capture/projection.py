@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-KINDS = ("kronecker", "elementwise")
+KINDS = ("kronecker", "elementwise", "subsample")
 
 
 def layer_seed(base_seed: int, layer: str) -> int:
@@ -57,11 +57,11 @@ class LayerProjection:
 
     @property
     def identity_a(self) -> bool:
-        return self.kind == "kronecker" and self.k_a >= self.d_in
+        return self.kind != "elementwise" and self.k_a >= self.d_in
 
     @property
     def identity_s(self) -> bool:
-        return self.kind == "kronecker" and self.k_s >= self.d_out
+        return self.kind != "elementwise" and self.k_s >= self.d_out
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -102,6 +102,24 @@ class LayerProjection:
         )
 
 
+def selection(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """[rows, cols] float64 0/1 matrix picking ``rows`` distinct coordinates (ascending), seeded.
+
+    The ``subsample`` kind: the stored gradient is G at a fixed random subset of its coordinates, so an
+    elementwise optimizer state (AdamW's second moment) stays elementwise in the stored space.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(cols, generator=gen)[:rows].sort().values
+    p = torch.zeros(rows, cols, dtype=torch.float64)
+    p[torch.arange(rows), idx] = 1.0
+    return p
+
+
+def draw(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
+    """The projection matrix of a kind: Gaussian (kronecker, elementwise) or a coordinate selection."""
+    return selection(rows, cols, seed) if kind == "subsample" else gaussian(rows, cols, seed)
+
+
 def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
     """[rows, cols] float64 matrix with N(0, 1/rows) entries, identical on every device."""
     gen = torch.Generator().manual_seed(seed)
@@ -131,8 +149,10 @@ class Projector:
         # kronecker: P_a [k_a, d_in], P_s [k_s, d_out]; elementwise: both k = k_a * k_s rows; None = identity.
         # Stored transposed and contiguous ([d, k]): a row per input feature / vocabulary id.
         rows_a, rows_s = (spec.dim, spec.dim) if self.elementwise else (spec.k_a, spec.k_s)
-        self._at = None if spec.identity_a else _transposed(gaussian(rows_a, spec.d_in, spec.seed), device, dtype)
-        self._st = None if spec.identity_s else _transposed(gaussian(rows_s, spec.d_out, spec.seed + 1), device, dtype)
+        p_a = None if spec.identity_a else draw(spec.kind, rows_a, spec.d_in, spec.seed)
+        p_s = None if spec.identity_s else draw(spec.kind, rows_s, spec.d_out, spec.seed + 1)
+        self._at = None if p_a is None else _transposed(p_a, device, dtype)
+        self._st = None if p_s is None else _transposed(p_s, device, dtype)
         self._scale = spec.dim**0.5
         self._nb = 1 if spec.bias else 0
 

@@ -1,0 +1,204 @@
+"""Adam-aware scores from the gradient store: the AdamW step linearised around the recorded trajectory.
+
+AdamW's state is (theta, m, v). Removing occurrence (t, z) perturbs step t's gradient by
+``dg = -c_t g_{t,z}`` (c_t: the clip factor) and the perturbation then travels through every later step
+of the LINEARISED optimizer (per coordinate, with ``D = 1/(sqrt(v'/bc2) + eps)``,
+``S = m' / (2 sqrt(v') sqrt(bc2) (sqrt(v'/bc2) + eps)^2)``, ``c1 = lr / bc1``)::
+
+    dm' = b1 dm + (1 - b1) dg             dv' = b2 dv + 2 (1 - b2) g (.) dg
+    dtheta' = (1 - lr wd) dtheta - c1 [D (.) dm' - S (.) dv']          dg_k = c_k H_k dtheta_k
+
+with H_k the curvature model of the embedding modes (empirical Fisher or GGN vectors from the store).
+Scores come validation-first, as in :mod:`dvemb.embed.direct`: the adjoint ``(u_theta, u_m, u_v)`` starts
+at ``(grad f(theta_T), 0, 0)`` and runs backwards through the transposed map; the occurrence's score
+(first-order TSLOO, positive = helped) is ``-c_t <ubar_g, g_{t,z}>`` with
+``ubar_g = (1 - b1)(u_m - c1 D u_theta) + 2 (1 - b2) g (.) (u_v + c1 S u_theta)``.
+
+Elementwise D and S need the stored coordinates to be the gradient's own: unprojected capture, or
+``capture.kind: subsample`` (a fixed random subset of each layer's coordinates). ``m`` and ``v`` are
+rebuilt per step from the recorded boundary states and the captured batch gradients ``g_t = sum_z g_{t,z}``
+(exact on the stored coordinates). Under a Gaussian projection the elementwise state has no image, so
+D is frozen per layer and segment to the scalar that best replaces it on gradients (``sum D v / sum v`` over
+the layer's parameters at the segment's end boundary) and v is held fixed (the S terms dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dvemb.capture.layers import kind_of
+from dvemb.capture.projection import LayerProjection, Projector
+from dvemb.embed.propagator import Curvature, Vectors, empirical_fisher
+from dvemb.errors import CaptureError
+from dvemb.types import StepGrads
+
+SEP = "::"
+
+
+@dataclass(frozen=True)
+class AdamRun:
+    """What the linearised AdamW needs besides the gradients: the optimizer as recorded.
+
+    lr / weight_decay: per step, per parameter group; clip: per step; group_of: parameter -> group;
+    states: boundary step -> optimizer state (``"{param}::exp_avg" | "::exp_avg_sq" | "::step"``).
+    """
+
+    betas: tuple[float, float]
+    eps: float
+    lr: Sequence[Sequence[float]]
+    weight_decay: Sequence[Sequence[float]]
+    clip: Sequence[float]
+    group_of: Mapping[str, int]
+    states: Mapping[int, Mapping[str, torch.Tensor]]
+
+
+class StoredCoordinates:
+    """Maps parameter-shaped tensors of each captured layer to its stored (projected) coordinates."""
+
+    def __init__(self, model: nn.Module, specs: Mapping[str, LayerProjection], dtype: torch.dtype):
+        modules = dict(model.named_modules())
+        self.specs, self.dtype = specs, dtype
+        self.modules = {n: modules[n] for n in specs}
+        self.proj = {n: Projector(s, torch.float64) for n, s in specs.items()}
+        for n, s in specs.items():
+            if len(s.params) > 2 or kind_of(self.modules[n]) is None:
+                raise CaptureError(f"layer {n!r}: the Adam-aware mode supports untied layers of a known kind only")
+
+    def exact(self) -> bool:
+        """True when every stored coordinate is a coordinate of the parameters (identity or subsample)."""
+        return all(s.kind == "subsample" or (s.identity_a and s.identity_s) for s in self.specs.values())
+
+    def to_stored(self, per_param: Callable[[str], torch.Tensor]) -> Vectors:
+        """layer -> [dim]: ``per_param(parameter name)`` (parameter-shaped) in stored coordinates."""
+        out = {}
+        for n, s in self.specs.items():
+            module = self.modules[n]
+            local = {p.rsplit(".", 1)[-1]: per_param(p).to(torch.float64) for p in s.params}
+            x = kind_of(module).grad_matrix(module, local)  # [d_out, d_in]
+            pr = self.proj[n]
+            if pr.p_s is not None:
+                x = pr.p_s @ x
+            if pr.p_a is not None:
+                x = x @ pr.p_a.T
+            out[n] = x.reshape(-1).to(self.dtype)
+        return out
+
+
+def _coefficients(
+    records: Sequence[StepGrads], run: AdamRun, coords: StoredCoordinates, params: Mapping[str, torch.Tensor]
+) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Per step and layer: c1 D, c1 S, the clipped batch gradient g, the decay factor (stored coordinates)."""
+    b1, b2 = run.betas
+    exact = coords.exact()
+    bounds = sorted(run.states)
+    groups = sorted(set(run.group_of.values()))
+    member = {  # group i -> layer -> [dim] 1 where the stored coordinate belongs to a parameter of group i
+        i: coords.to_stored(lambda p, i=i: torch.full_like(params[p], float(run.group_of[p] == i))) for i in groups
+    }
+
+    def per_group(values: Sequence[float]) -> Vectors:
+        return {n: sum(values[i] * member[i][n] for i in groups) for n in coords.specs}
+
+    out = []
+    state: dict[str, Vectors] = {}
+    count = 0.0
+    for rec in records:
+        t = rec.step
+        lr, wd = per_group(run.lr[t]), per_group(run.weight_decay[t])
+        if t in bounds:  # restart from the recorded state: no drift across segments
+            st = run.states[t]
+
+            def get(p: str, key: str, st=st) -> torch.Tensor:
+                return st.get(f"{p}{SEP}{key}", torch.zeros_like(params[p]))
+
+            count = max((float(v) for k, v in st.items() if k.endswith(SEP + "step")), default=0.0)
+            state = {key: coords.to_stored(lambda p, key=key: get(p, key)) for key in ("exp_avg", "exp_avg_sq")}
+            if not exact:
+                frozen = _frozen_d(run, coords, params, next((b for b in bounds if b > t), t), b2)
+        count += 1
+        bc1, bc2 = 1 - b1**count, 1 - b2**count
+        clip = float(run.clip[t])
+        step: dict[str, dict[str, torch.Tensor]] = {}
+        for n in coords.specs:
+            g = clip * rec.grads[n].to(coords.dtype).sum(0)
+            c1 = lr[n] / bc1
+            if exact:
+                m = b1 * state["exp_avg"][n] + (1 - b1) * g
+                v = b2 * state["exp_avg_sq"][n] + (1 - b2) * g * g
+                state["exp_avg"][n], state["exp_avg_sq"][n] = m, v
+                root = torch.sqrt(v)
+                denom = root / bc2**0.5 + run.eps
+                s = torch.where(root > 0, m / (2 * root.clamp_min(1e-300) * bc2**0.5 * denom**2), torch.zeros_like(m))
+                step[n] = {"c1d": c1 / denom, "c1s": c1 * s, "g": g}
+            else:  # frozen: the layer's mean D over the segment (at its end boundary), v held fixed
+                step[n] = {"c1d": c1 * frozen[n], "c1s": torch.zeros_like(g), "g": torch.zeros_like(g)}
+            step[n]["decay"] = 1 - lr[n] * wd[n]
+        out.append(step)
+    return out
+
+
+def _frozen_d(
+    run: AdamRun, coords: StoredCoordinates, params: Mapping[str, torch.Tensor], boundary: int, b2: float
+) -> dict[str, float]:
+    """Per layer: the scalar d that best replaces D = 1/(sqrt(v/bc2) + eps) on gradients, in least squares
+    weighted by the second moment: ``d = sum D v / sum v`` over the layer's parameters, at ``boundary``."""
+    st = run.states[boundary]
+    out = {}
+    for n, spec in coords.specs.items():
+        num = den = 0.0
+        for p in spec.params:
+            v = st.get(f"{p}{SEP}exp_avg_sq", torch.zeros_like(params[p])).to(torch.float64)
+            count = float(st.get(f"{p}{SEP}step", torch.tensor(1.0)))
+            d = 1 / (torch.sqrt(v / (1 - b2**count)) + run.eps)
+            num, den = num + float((d * v).sum()), den + float(v.sum())
+        out[n] = num / den if den > 0 else 1 / run.eps
+    return out
+
+
+def adam_direct_scores(
+    records: Sequence[StepGrads],
+    run: AdamRun,
+    coords: StoredCoordinates,
+    params: Mapping[str, torch.Tensor],
+    validation: Vectors,
+    curvature: Callable[[StepGrads], Curvature] | None = None,
+    blocks: str = "layer",
+) -> list[torch.Tensor]:
+    """Per-step scores [B_t, V] at the checkpoint right after ``records`` (consecutive steps from a boundary).
+
+    params: parameter name -> a tensor of its shape (for the per-parameter LR / decay / state maps);
+    validation: layer -> [V, D] projected validation gradients at that checkpoint.
+    """
+    b1, b2 = run.betas
+    dt = coords.dtype
+    coef = _coefficients(records, run, coords, params)
+    names = list(coords.specs)
+    u = {n: validation[n].to(dt).T.contiguous() for n in names}  # [D, V]
+    um = {n: torch.zeros_like(u[n]) for n in names}
+    uv = {n: torch.zeros_like(u[n]) for n in names}
+    out: list[torch.Tensor] = []
+    for rec, c in zip(reversed(records), reversed(coef)):
+        clip = float(run.clip[rec.step])
+        ubar = {}
+        for n in names:
+            k = c[n]
+            um_bar = um[n] - k["c1d"][:, None] * u[n]
+            uv_bar = uv[n] + k["c1s"][:, None] * u[n]
+            ubar[n] = (1 - b1) * um_bar + 2 * (1 - b2) * k["g"][:, None] * uv_bar
+            um[n], uv[n] = b1 * um_bar, b2 * uv_bar
+        out.append(-clip * sum(rec.grads[n].to(dt) @ ubar[n] for n in names))  # [B, V]
+        curv = curvature(rec) if curvature else empirical_fisher(rec)
+        w = curv.coef.to(dt)[:, None]
+        if blocks == "model":
+            fu = sum(curv.vectors[n].to(dt) @ ubar[n] for n in names) * w  # [J, V]
+            hu = {n: curv.vectors[n].to(dt).T @ fu for n in names}
+        else:
+            hu = {n: curv.vectors[n].to(dt).T @ ((curv.vectors[n].to(dt) @ ubar[n]) * w) for n in names}
+        for n in names:
+            u[n] = c[n]["decay"][:, None] * u[n] + clip * hu[n]
+    out.reverse()
+    return out
