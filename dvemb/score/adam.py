@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import polars as pl
+import logging
+
 import torch
 
 from dvemb.config import RunConfig
@@ -15,9 +16,28 @@ from dvemb.store.gradstore import read_projection, read_segment
 from dvemb.store.rundir import RunDir, load_tensors
 from dvemb.store.trajectory import read_steps
 
+log = logging.getLogger(__name__)
+
 
 def is_adamw(run: RunDir) -> bool:
     return run.meta().get("optimizer", {}).get("kind") == "adamw"
+
+
+def adam_aware(run: RunDir) -> bool:
+    """An AdamW run whose store keeps the gradients' own coordinates (unprojected or ``subsample``): the
+    Adam-aware recursion applies. An AdamW run under a Gaussian projection falls back to the SGD proxy
+    (its elementwise state has no image there; measured in docs/RESULTS.md), with a warning."""
+    if not is_adamw(run):
+        return False
+    specs = read_projection(run.projection)
+    if all(s.kind == "subsample" or (s.identity_a and s.identity_s) for s in specs.values()):
+        return True
+    log.warning(
+        "%s: an AdamW run captured with a Gaussian projection is scored with the SGD proxy; capture with "
+        "capture.kind=subsample (the AdamW default) or use score.mode=exact",
+        run.root,
+    )
+    return False
 
 
 def adam_run(run: RunDir) -> AdamRun:
@@ -46,16 +66,3 @@ def adam_occurrence_scores(run: RunDir, cfg: RunConfig, checkpoint: int, validat
     coords = StoredCoordinates(model, read_projection(run.projection), DTYPES[cfg.embed.dtype])
     curv = curvature_fn(run, cfg.embed.curvature, range(m))
     return adam_direct_scores(records, adam_run(run), coords, params, validation, curv, cfg.embed.blocks)
-
-
-def occurrence_frame(records_ids: list[torch.Tensor], scores: list[torch.Tensor], checkpoint: int) -> pl.DataFrame:
-    """sample_id, step, score, checkpoint rows (first validation column)."""
-    return pl.DataFrame(
-        {
-            "sample_id": torch.cat(records_ids).numpy(),
-            "step": torch.cat([torch.full((len(i),), t) for t, i in enumerate(records_ids)]).numpy(),
-            "score": torch.cat([s[:, 0] for s in scores]).to(torch.float64).numpy(),
-            "checkpoint": checkpoint,
-        },
-        schema={"sample_id": pl.Int64, "step": pl.Int64, "score": pl.Float64, "checkpoint": pl.Int64},
-    )

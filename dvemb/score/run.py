@@ -15,6 +15,7 @@ from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.run import DTYPES, load_embeddings
 from dvemb.runtask import model_at, task_of
+from dvemb.score.adam import adam_aware, adam_occurrence_scores
 from dvemb.score.exact import exact_occurrences
 from dvemb.score.scores import occurrence_table, segment_scores
 from dvemb.score.validation import validation_gradients
@@ -53,6 +54,11 @@ def score(run: RunDir, cfg: RunConfig) -> str:
     tables = []
     if cfg.score.mode == "exact":
         tables.append(exact_occurrences(run, cfg))
+    elif adam_aware(run):  # AdamW: the linearised (theta, m, v) recursion, validation-first, in either mode
+        records = [r for j in range(k) for r in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads")]
+        for m in checkpoints:
+            s = adam_occurrence_scores(run, cfg, b[m], val_vectors(run, cfg, b[m]))
+            tables.append(occurrence_table(records[: b[m]], s, checkpoint=b[m]))
     elif cfg.score.mode == "embedding":
         local, props = load_embeddings(run, device)
         steps_of = [e for seg in local for e in seg]
