@@ -15,7 +15,9 @@ LAST epoch. Estimators, all scored at the final checkpoint:
 * ``sgd-proxy-empirical`` / ``sgd-proxy-fisher-model`` — the SGD recursion of the embedding / direct
   modes on the captured gradients (what dvemb did with every optimizer before the replay scorer),
   unprojected and at 32x32;
-* ``adam-*`` — the Adam-aware direct mode (linearised AdamW state), where the optimizer is AdamW.
+* ``adam-empirical`` / ``adam-fisher-model`` — the Adam-aware direct mode (linearised AdamW state,
+  dvemb.embed.adam), where the optimizer is AdamW; ``32x32-sub`` captures a coordinate subset (D exact),
+  ``32x32`` a Gaussian projection (D frozen per layer and segment).
 
 Reported per phase: Spearman and Pearson vs TSLOO and the least-squares scale (the factor s minimising
 ||tsloo - s * estimate||; 1 = calibrated). Cost: wall time of the exact sweep over the time of replaying
@@ -42,6 +44,7 @@ from dvemb.eval.groundtruth import choose_points, tsloo_points
 from dvemb.eval.metrics import pearson, spearman
 from dvemb.replay.exact import exact_scores
 from dvemb.replay.trajectory import load_trajectory, replay_range
+from dvemb.score.adam import adam_aware, adam_occurrence_scores
 from dvemb.score.run import val_vectors
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir
@@ -69,7 +72,11 @@ REGIMES = {
     "adamw-5ep": ["train.epochs=5", "train.optimizer=adamw", "train.lr=0.003", "train.weight_decay=0.01"],
     "adamw-15ep": ["train.epochs=15", "train.optimizer=adamw", "train.lr=0.01", "train.weight_decay=0.01"],
 }
-PROJECTIONS = {"full": ["capture.k_a=null", "capture.k_s=null"], "32x32": ["capture.k_a=32", "capture.k_s=32"]}
+PROJECTIONS = {
+    "full": ["capture.k_a=null", "capture.k_s=null", "capture.kind=kronecker"],
+    "32x32": ["capture.k_a=32", "capture.k_s=32", "capture.kind=kronecker"],
+    "32x32-sub": ["capture.k_a=32", "capture.k_s=32", "capture.kind=subsample"],
+}
 
 
 def ls_scale(est: np.ndarray, truth: np.ndarray) -> float:
@@ -90,7 +97,22 @@ def sgd_proxy(run: RunDir, cfg, curvature: str, blocks: str) -> list[torch.Tenso
     return [s[:, 0] for s in direct_scores(recs, read_schedule(run), v, torch.float64, curvature=curv, blocks=blocks)]
 
 
-def run_regime(name: str, projection: str, points: int, workdir: Path, quick: bool) -> dict:
+def _at(scores: list[torch.Tensor], occ: list[tuple[int, int]]) -> np.ndarray:
+    return np.array([float(scores[t][p]) for t, p in occ])
+
+
+def ground_truth(traj, points: int) -> dict[str, tuple[list[tuple[int, int]], np.ndarray]]:
+    """Exact TSLOO of ``points`` first-epoch and last-epoch occurrences (the same for every projection:
+    capture does not change training)."""
+    out = {}
+    for phase in ("first", "last"):
+        occ = choose_points(traj, points, seed=1, first_epoch=phase == "first", last_epoch=phase == "last")
+        out[phase] = (occ, tsloo_points(traj, occ).numpy())
+    return out
+
+
+def run_regime(name: str, projection: str, points: int, workdir: Path, quick: bool, truth=None) -> dict:
+    """One trained run and every estimator on it; ``truth`` from an earlier projection of the same regime."""
     sets = BASE + REGIMES[name] + PROJECTIONS[projection]
     if quick:
         sets += ["train.epochs=2", "data.subset=256", "data.eval_subset=64"]
@@ -109,27 +131,33 @@ def run_regime(name: str, projection: str, points: int, workdir: Path, quick: bo
     estimates = {"exact": exact} if projection == "full" else {}
     estimates["sgd-proxy-empirical"] = sgd_proxy(run, cfg, "empirical", "layer")
     estimates["sgd-proxy-fisher-model"] = sgd_proxy(run, cfg, "fisher", "model")
-    phases = {}
-    for phase in ("first", "last"):
-        occ = choose_points(traj, points, seed=1, first_epoch=phase == "first", last_epoch=phase == "last")
-        truth = tsloo_points(traj, occ).numpy()
-        phases[phase] = {
+    if adam_aware(run):
+        v = val_vectors(run, cfg, traj.boundaries[-1])
+        for curvature, blocks in (("empirical", "layer"), ("fisher", "model")):
+            embed = cfg.embed.model_copy(update={"curvature": curvature, "blocks": blocks})
+            scores = adam_occurrence_scores(run, cfg.model_copy(update={"embed": embed}), traj.boundaries[-1], v)
+            estimates[f"adam-{curvature}{'-model' if blocks == 'model' else ''}"] = [x[:, 0] for x in scores]
+    truth = truth or ground_truth(traj, points)
+    phases = {
+        phase: {
             "n": len(occ),
             "epoch": traj.epochs[occ[0][0]],
             "estimators": {
-                k: phase_metrics(np.array([float(v[t][p]) for t, p in occ]), truth) for k, v in estimates.items()
+                k: phase_metrics(np.array([float(v[t][p]) for t, p in occ]), gt) for k, v in estimates.items()
             },
         }
+        for phase, (occ, gt) in truth.items()
+    }
     return {
         "regime": name,
         "projection": projection,
         "overrides": sets,
         "steps": traj.num_steps,
-        "replay_rel_error": None,
         "seconds": {"train_lightning": t_train, "replay_forward": t_forward, "exact_sweep": t_exact},
         "exact_over_forward_replay": t_exact / t_forward,
         "exact_over_lightning_training": t_exact / t_train,
         "phases": phases,
+        "truth": truth,
     }
 
 
@@ -174,8 +202,10 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-exact-") as tmp:
         for name in args.regimes:
+            truth = None
             for projection in args.projections:
-                r = run_regime(name, projection, points, Path(tmp), args.quick)
+                r = run_regime(name, projection, points, Path(tmp), args.quick, truth)
+                truth = r.pop("truth")
                 results.append(r)
                 print(table([r]), flush=True)
     payload = {"machine": machine_info("cpu"), "quick": args.quick, "points": points, "results": results}

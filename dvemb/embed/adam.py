@@ -17,9 +17,11 @@ at ``(grad f(theta_T), 0, 0)`` and runs backwards through the transposed map; th
 Elementwise D and S need the stored coordinates to be the gradient's own: unprojected capture, or
 ``capture.kind: subsample`` (a fixed random subset of each layer's coordinates). ``m`` and ``v`` are
 rebuilt per step from the recorded boundary states and the captured batch gradients ``g_t = sum_z g_{t,z}``
-(exact on the stored coordinates). Under a Gaussian projection the elementwise state has no image, so
-D is frozen per layer and segment to the scalar that best replaces it on gradients (``sum D v / sum v`` over
-the layer's parameters at the segment's end boundary) and v is held fixed (the S terms dropped).
+(exact on the stored coordinates). Inner products over a coordinate subset are scaled by the layer's
+sampling ratio rho = (d_in d_out) / (k_a k_s), which makes them unbiased estimates of the full ones. Under a
+Gaussian projection the elementwise state has no image; a scalar stand-in for D (frozen per layer and
+segment) was measured to anti-correlate with TSLOO (the m and v paths of Adam nearly cancel and cannot
+be separated there), so such stores are scored with the SGD proxy instead (dvemb.score.adam).
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class StoredCoordinates:
             if len(s.params) > 2 or kind_of(self.modules[n]) is None:
                 raise CaptureError(f"layer {n!r}: the Adam-aware mode supports untied layers of a known kind only")
 
+    def ratio(self, name: str) -> float:
+        """Parameters per stored coordinate of layer ``name`` (1 unprojected; d / k for a subsample)."""
+        s = self.specs[name]
+        return s.d_in * s.d_out / s.dim
+
     def exact(self) -> bool:
         """True when every stored coordinate is a coordinate of the parameters (identity or subsample)."""
         return all(s.kind == "subsample" or (s.identity_a and s.identity_s) for s in self.specs.values())
@@ -93,7 +100,11 @@ def _coefficients(
 ) -> list[dict[str, dict[str, torch.Tensor]]]:
     """Per step and layer: c1 D, c1 S, the clipped batch gradient g, the decay factor (stored coordinates)."""
     b1, b2 = run.betas
-    exact = coords.exact()
+    if not coords.exact():
+        raise CaptureError(
+            "the Adam-aware recursion needs stored coordinates of the gradient's own (unprojected "
+            "or capture.kind subsample)"
+        )
     bounds = sorted(run.states)
     groups = sorted(set(run.group_of.values()))
     member = {  # group i -> layer -> [dim] 1 where the stored coordinate belongs to a parameter of group i
@@ -117,8 +128,6 @@ def _coefficients(
 
             count = max((float(v) for k, v in st.items() if k.endswith(SEP + "step")), default=0.0)
             state = {key: coords.to_stored(lambda p, key=key: get(p, key)) for key in ("exp_avg", "exp_avg_sq")}
-            if not exact:
-                frozen = _frozen_d(run, coords, params, next((b for b in bounds if b > t), t), b2)
         count += 1
         bc1, bc2 = 1 - b1**count, 1 - b2**count
         clip = float(run.clip[t])
@@ -126,36 +135,14 @@ def _coefficients(
         for n in coords.specs:
             g = clip * rec.grads[n].to(coords.dtype).sum(0)
             c1 = lr[n] / bc1
-            if exact:
-                m = b1 * state["exp_avg"][n] + (1 - b1) * g
-                v = b2 * state["exp_avg_sq"][n] + (1 - b2) * g * g
-                state["exp_avg"][n], state["exp_avg_sq"][n] = m, v
-                root = torch.sqrt(v)
-                denom = root / bc2**0.5 + run.eps
-                s = torch.where(root > 0, m / (2 * root.clamp_min(1e-300) * bc2**0.5 * denom**2), torch.zeros_like(m))
-                step[n] = {"c1d": c1 / denom, "c1s": c1 * s, "g": g}
-            else:  # frozen: the layer's mean D over the segment (at its end boundary), v held fixed
-                step[n] = {"c1d": c1 * frozen[n], "c1s": torch.zeros_like(g), "g": torch.zeros_like(g)}
-            step[n]["decay"] = 1 - lr[n] * wd[n]
+            m = b1 * state["exp_avg"][n] + (1 - b1) * g
+            v = b2 * state["exp_avg_sq"][n] + (1 - b2) * g * g
+            state["exp_avg"][n], state["exp_avg_sq"][n] = m, v
+            root = torch.sqrt(v)
+            denom = root / bc2**0.5 + run.eps
+            s = torch.where(root > 0, m / (2 * root.clamp_min(1e-300) * bc2**0.5 * denom**2), torch.zeros_like(m))
+            step[n] = {"c1d": c1 / denom, "c1s": c1 * s, "g": g, "decay": 1 - lr[n] * wd[n]}
         out.append(step)
-    return out
-
-
-def _frozen_d(
-    run: AdamRun, coords: StoredCoordinates, params: Mapping[str, torch.Tensor], boundary: int, b2: float
-) -> dict[str, float]:
-    """Per layer: the scalar d that best replaces D = 1/(sqrt(v/bc2) + eps) on gradients, in least squares
-    weighted by the second moment: ``d = sum D v / sum v`` over the layer's parameters, at ``boundary``."""
-    st = run.states[boundary]
-    out = {}
-    for n, spec in coords.specs.items():
-        num = den = 0.0
-        for p in spec.params:
-            v = st.get(f"{p}{SEP}exp_avg_sq", torch.zeros_like(params[p])).to(torch.float64)
-            count = float(st.get(f"{p}{SEP}step", torch.tensor(1.0)))
-            d = 1 / (torch.sqrt(v / (1 - b2**count)) + run.eps)
-            num, den = num + float((d * v).sum()), den + float(v.sum())
-        out[n] = num / den if den > 0 else 1 / run.eps
     return out
 
 
@@ -177,6 +164,7 @@ def adam_direct_scores(
     dt = coords.dtype
     coef = _coefficients(records, run, coords, params)
     names = list(coords.specs)
+    rho = {n: coords.ratio(n) for n in names}  # inner products over a coordinate subset, scaled to the full
     u = {n: validation[n].to(dt).T.contiguous() for n in names}  # [D, V]
     um = {n: torch.zeros_like(u[n]) for n in names}
     uv = {n: torch.zeros_like(u[n]) for n in names}
@@ -190,14 +178,15 @@ def adam_direct_scores(
             uv_bar = uv[n] + k["c1s"][:, None] * u[n]
             ubar[n] = (1 - b1) * um_bar + 2 * (1 - b2) * k["g"][:, None] * uv_bar
             um[n], uv[n] = b1 * um_bar, b2 * uv_bar
-        out.append(-clip * sum(rec.grads[n].to(dt) @ ubar[n] for n in names))  # [B, V]
+        out.append(-clip * sum(rho[n] * (rec.grads[n].to(dt) @ ubar[n]) for n in names))  # [B, V]
         curv = curvature(rec) if curvature else empirical_fisher(rec)
         w = curv.coef.to(dt)[:, None]
+        dots = {n: rho[n] * (curv.vectors[n].to(dt) @ ubar[n]) for n in names}  # [J, V] each
         if blocks == "model":
-            fu = sum(curv.vectors[n].to(dt) @ ubar[n] for n in names) * w  # [J, V]
+            fu = sum(dots.values()) * w
             hu = {n: curv.vectors[n].to(dt).T @ fu for n in names}
         else:
-            hu = {n: curv.vectors[n].to(dt).T @ ((curv.vectors[n].to(dt) @ ubar[n]) * w) for n in names}
+            hu = {n: curv.vectors[n].to(dt).T @ (dots[n] * w) for n in names}
         for n in names:
             u[n] = c[n]["decay"][:, None] * u[n] + clip * hu[n]
     out.reverse()
