@@ -29,6 +29,14 @@ console = Console(stderr=True, soft_wrap=True)
 
 Sets = Annotated[list[str], typer.Option("--set", help="override a config field: key.path=value")]
 Force = Annotated[bool, typer.Option("--force", help="overwrite an existing run directory")]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="continue an interrupted run (training from its last boundary checkpoint, then only what is missing); "
+        "CONFIG may then be left out (the run's own, from run.json)",
+    ),
+]
 DEBUG_HINT = "re-run with --debug for the traceback"
 _debug = {"on": False}  # set by every invocation (--debug or DVEMB_DEBUG=1)
 
@@ -39,22 +47,27 @@ def _fail(msg: str, code: int) -> typer.Exit:
 
 
 @contextmanager
-def _handled() -> Iterator[None]:
+def _handled(resumable: dict | None = None) -> Iterator[None]:
     """Every command's errors as one line: DvembError / ValueError -> exit 2, anything else -> exit 1.
 
-    With ``--debug`` (or DVEMB_DEBUG=1) the exception propagates with its traceback."""
+    With ``--debug`` (or DVEMB_DEBUG=1) the exception propagates with its traceback. resumable: filled
+    with ``{"out": run directory}`` once a training command knows it; an interruption then says how
+    to continue."""
     try:
         yield
+    except KeyboardInterrupt:
+        if _debug["on"]:
+            raise
+        from dvemb.train.resume import resume_command
+
+        how = f"; continue with: {resume_command(resumable['out'])}" if resumable and "out" in resumable else ""
+        raise _fail(f"interrupted{how}", 130) from None
     except (typer.Exit, typer.Abort):
         raise
     except DvembError as e:
         if _debug["on"]:
             raise
         raise _fail(str(e), 2) from None
-    except KeyboardInterrupt:
-        if _debug["on"]:
-            raise
-        raise _fail("interrupted", 130) from None
     except Exception as e:  # noqa: BLE001 - the last resort: one line, never a traceback
         if _debug["on"]:
             raise
@@ -100,23 +113,45 @@ def _setup(
         handler.addFilter(_OneLineErrors())
 
 
+def _run_config(config: Path | None, out: Path | None, sets: list[str], force: bool, resume: bool) -> RunConfig:
+    """The config to run: CONFIG with ``--set``, or (``--resume`` without CONFIG) the one in OUT/run.json."""
+    if resume and force:
+        raise DvembError("--resume and --force: choose one (--force deletes the run and starts it over)")
+    if config is not None:
+        return _config(config, sets)
+    if not resume:
+        raise DvembError("CONFIG: missing — give a YAML run config (or --resume --out RUN to continue a run)")
+    if out is None:
+        raise DvembError("--resume without CONFIG needs --out RUN: the run directory to continue")
+    from dvemb.pipeline import config_of
+
+    return config_of(_run_dir(out), sets or [])
+
+
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="YAML run config")],
+    config: Annotated[Path | None, typer.Argument(help="YAML run config")] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<name>)")] = None,
     sets: Sets = None,
     force: Force = False,
     engine: Annotated[str, typer.Option(help="prefect (flows, artifacts) or local (one process)")] = "prefect",
+    resume: Resume = False,
 ) -> None:
     """The full pipeline: train -> embed -> score -> curate."""
     from dvemb.checks import check_config
 
-    with _handled():
+    with _handled(resumable := {}):
         if engine not in ("prefect", "local"):
             raise DvembError(f"--engine {engine!r}: choose 'prefect' or 'local'")
-        cfg = _config(config, sets)
+        cfg = _run_config(config, out, sets, force, resume)
         check_config(cfg)
         out = out or Path("runs") / cfg.name
+        resumable["out"] = out
+        if resume and engine == "prefect":
+            raise DvembError(
+                "--resume: the Prefect pipeline continues a run when its flow run is retried; "
+                "from the command line resume with --engine local"
+            )
         if engine == "prefect":
             # no network here; and a first start on a fresh machine migrates SQLite (slow on 2 cores)
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -127,22 +162,27 @@ def run(
         else:
             from dvemb.pipeline import run_local
 
-            run_local(cfg, out, force=force)
+            run_local(cfg, out, force=force, resume=resume)
     console.print(f"[green]done:[/] {escape(str(out))}")
 
 
 @app.command()
 def train(
-    config: Path, out: Annotated[Path | None, typer.Option()] = None, sets: Sets = None, force: Force = False
+    config: Annotated[Path | None, typer.Argument()] = None,
+    out: Annotated[Path | None, typer.Option()] = None,
+    sets: Sets = None,
+    force: Force = False,
+    resume: Resume = False,
 ) -> None:
     """Train with gradient capture into a run directory."""
     from dvemb.checks import check_config
     from dvemb.train.run import train as train_stage
 
-    with _handled():
-        cfg = _config(config, sets)
+    with _handled(resumable := {}):
+        cfg = _run_config(config, out, sets, force, resume)
         check_config(cfg)
-        train_stage(cfg, _run_dir(out or Path("runs") / cfg.name), force=force)
+        resumable["out"] = out = out or Path("runs") / cfg.name
+        train_stage(cfg, _run_dir(out), force=force, resume=resume)
 
 
 @app.command()
@@ -214,10 +254,14 @@ def status(
         if meta is None:
             console.print("[bold red]run     run.json damaged[/]: stages unknown")
         else:
+            from dvemb.train.resume import status_lines
+
             line = f"run     status {meta.get('status', 'unknown')!r}"
             if meta.get("error"):
                 line += f": {meta['error']}"
             console.print(escape(line))
+            for extra in status_lines(run, meta):
+                console.print(f"[yellow]{escape(extra)}[/]")
             for stage in STAGES:
                 try:
                     expected = run.expected(stage)

@@ -22,7 +22,9 @@ from dvemb.curate.run import curate
 from dvemb.embed.run import embed_segment
 from dvemb.report import drop_reason, write_report
 from dvemb.score.run import score
+from dvemb.store import integrity
 from dvemb.store.rundir import RunDir, RunExistsError
+from dvemb.train.resume import check_same_config
 from dvemb.train.run import train
 
 log = logging.getLogger(__name__)
@@ -77,16 +79,22 @@ def check_device(device: str, field: str = "embed.device") -> None:
         raise ConfigError(f"{field}: 'mps', but no MPS device is available here; use 'cpu'")
 
 
-def preflight(cfg: RunConfig, out: str | Path, force: bool, force_name: str = "--force") -> RunDir:
+def preflight(
+    cfg: RunConfig, out: str | Path, force: bool, force_name: str = "--force", resume: bool = False
+) -> RunDir:
     """Checks that fail fast, before any training: the devices of ``cfg``, then the run directory
     (made, or emptied when ``force``, by the run directory's own rules). Returns the run directory.
 
     ``force_name``: how the caller spells the overwrite switch (``--force`` on the CLI, ``force=true``
-    as a flow parameter), named in the error.
+    as a flow parameter), named in the error. ``resume``: a run already in ``out`` is kept, to be
+    continued (its config must be ``cfg``; checked again when training resumes).
     """
     check_config(cfg)
     check_device(cfg.embed.device)
     run = RunDir(out)
+    if resume and run.run_json.is_file():
+        check_same_config(run, cfg)
+        return run
     try:
         run.create(force=force)
     except RunExistsError:
@@ -157,19 +165,44 @@ def log_stage(run: RunDir, stage: str, segment: int | None = None) -> None:
 STAGE_LINES = {"train": describe_train, "score": describe_score, "curate": describe_curate}
 
 
-def run_local(cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True) -> RunDir:
-    """train -> embed (every segment) -> score -> curate, sequentially."""
+def intact(run: RunDir, paths: list[Path]) -> bool:
+    """Every one of ``paths`` (files of ``run``) exists and matches its manifest entry (sha256) and format."""
+    return all(p.exists() for p in paths) and not integrity.damaged(run.root, paths, deep=True)
+
+
+def missing_segments(run: RunDir) -> list[int]:
+    """Segments whose embeddings or propagator are missing or damaged (what a resumed embed stage does)."""
+    k = len(run.boundaries) - 1
+    return [j for j in range(k) if not intact(run, [run.embeddings(j), run.propagator(j)])]
+
+
+def run_local(
+    cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True, resume: bool = False
+) -> RunDir:
+    """train -> embed (every segment) -> score -> curate, sequentially.
+
+    resume: continue an interrupted run: training from its last boundary checkpoint (dvemb.train.resume),
+    then only the segments and stages whose outputs are missing or damaged (a stage after one that did
+    work is redone)."""
     check_device(cfg.embed.device)
     log.info("config %s:\n%s", cfg.name, config_yaml(cfg))
-    run = train(cfg, RunDir(out), force=force, progress=progress)
+    run = train(cfg, RunDir(out), force=force, progress=progress, resume=resume)
     log_stage(run, "train")
-    segments = range(len(run.boundaries) - 1)
-    for j in track(segments, description="embedding segments", disable=not progress, transient=True):
+    todo = missing_segments(run) if resume else list(range(len(run.boundaries) - 1))
+    if resume:
+        log.info("embed: %d segment(s) to do %s, the others are kept", len(todo), todo)
+    for j in track(todo, description="embedding segments", disable=not progress, transient=True):
         embed_segment(run, j, cfg.embed)
         log_stage(run, "embed", j)
-    score(run, cfg)
-    log_stage(run, "score")
-    curate(run, cfg)
-    log_stage(run, "curate")
-    write_report(run)
+    redo = bool(todo) or not resume
+    if redo or not intact(run, run.expected("score")):
+        score(run, cfg)
+        log_stage(run, "score")
+        redo = True
+    if redo or not intact(run, run.expected("curate")):
+        curate(run, cfg)
+        log_stage(run, "curate")
+        redo = True
+    if redo or not run.report.exists():
+        write_report(run)
     return run

@@ -9,13 +9,15 @@ from dvemb.config import RunConfig
 from dvemb.pipeline import log_stage
 from dvemb.store.rundir import RunDir
 from dvemb.train.run import train as train_run
-from flows.common import resolve_out
+from flows.common import own_partial_run, resolve_out
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
-def train_model(config: RunConfig, out: str, force: bool) -> str:
-    """Lightning training with gradient capture (no retries: a retry would redo the whole run)."""
-    train_run(config, RunDir(out), force=force, progress=False)
+def train_model(config: RunConfig, out: str, force: bool, resume: bool = False) -> str:
+    """Lightning training with gradient capture. No task retries; a retry of the flow run (or ``resume``)
+    continues the run's own interrupted training from its last boundary checkpoint (dvemb.train.resume)."""
+    resume = resume or own_partial_run(out)
+    train_run(config, RunDir(out), force=force and not resume, progress=False, resume=resume)
     RunDir(out).require("train")
     log_stage(RunDir(out), "train")
     return out

@@ -3,7 +3,9 @@
 Writes into a :class:`~dvemb.store.rundir.RunDir`: ``grads/seg-XXXX-rank-0.arrow`` (one file per
 segment, each written atomically when the segment ends), ``grads/projection.json``,
 ``checkpoints/step-XXXXXX.safetensors`` at every segment boundary and at the end, and
-``trajectory/steps.parquet`` / ``batches.parquet``. Each batch must carry ``batch["sample_id"]``.
+``trajectory/steps.parquet`` / ``batches.parquet`` (each finished segment's rows are written when it
+ends, ``trajectory/segments/{steps,batches}-XXXX.parquet``, and merged at the end of training, so an
+interrupted run keeps them; dvemb.train.resume). Each batch must carry ``batch["sample_id"]``.
 The optimizer as trained is recorded too, so the run can be replayed exactly (dvemb.replay): its
 hyper-parameters and param groups in run.json (``optimizer``), every group's LR and weight decay and
 the clip factor per step in steps.parquet, and its state beside every boundary checkpoint
@@ -16,6 +18,7 @@ The learning rate recorded is the one in the optimizer when it steps (schedules 
 from __future__ import annotations
 
 import logging
+from contextlib import suppress
 
 import lightning as L
 import numpy as np
@@ -26,11 +29,19 @@ from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
 from dvemb.checks import record_segments_used
 from dvemb.embed.curvature import check_curvature, concat_records, curvature_path, fisher_vectors
 from dvemb.replay.optim import OptimizerSpec, torch_state
+from dvemb.store import integrity
 from dvemb.store.atomic import atomic_path
 from dvemb.store.gradstore import SegmentWriter, write_projection
 from dvemb.store.rundir import RunDir, save_tensors
 
 log = logging.getLogger(__name__)
+
+_CANCEL_TYPES = {"KeyboardInterrupt", "SIGTERMException", "TerminationSignal", "Abort", "CancelledError"}
+
+
+def cancelled(exc: BaseException) -> bool:
+    """A user's or an orchestrator's stop (Ctrl-C, SIGTERM, a cancelled flow run), not a failure."""
+    return any(t.__name__ in _CANCEL_TYPES for t in type(exc).__mro__)
 
 
 def segment_boundaries(total_steps: int, segments: int) -> list[int]:
@@ -42,6 +53,25 @@ def segment_boundaries(total_steps: int, segments: int) -> list[int]:
 def write_parquet(df: pl.DataFrame, path) -> None:
     with atomic_path(path) as tmp:
         df.write_parquet(tmp)
+
+
+def merge_trajectory(run: RunDir) -> int:
+    """``trajectory/steps.parquet`` and ``batches.parquet`` from the segments' parts (in segment order),
+    then the parts are deleted; returns the number of steps. The same code for a run trained in one go
+    and a resumed one, so both files are byte-identical."""
+    k = len(run.boundaries) - 1
+    parts = {kind: [run.trajectory_part(kind, j) for j in range(k)] for kind in ("steps", "batches")}
+    parts = {kind: [p for p in paths if p.exists()] for kind, paths in parts.items()}
+    steps = pl.concat([pl.read_parquet(p) for p in parts["steps"]], rechunk=True)
+    write_parquet(steps, run.steps)
+    write_parquet(pl.concat([pl.read_parquet(p) for p in parts["batches"]], rechunk=True), run.batches)
+    done = [p for paths in parts.values() for p in paths]
+    for p in done:
+        p.unlink()
+    integrity.forget(done)
+    with suppress(OSError):
+        run.trajectory_part("steps", 0).parent.rmdir()
+    return int(steps["step"].max()) + 1 if steps.height else 0
 
 
 class GradientLogger(L.Callback):
@@ -56,8 +86,10 @@ class GradientLogger(L.Callback):
         reduction: str = "mean",
         curvature: str | None = None,
         fisher_samples: int | None = None,
+        resume_step: int | None = None,
     ):
-        """curvature / fisher_samples: None = as in the run's recorded config (embed.curvature), else empirical."""
+        """curvature / fisher_samples: None = as in the run's recorded config (embed.curvature), else empirical.
+        resume_step: the inner boundary a resumed run starts at (its files are there; dvemb.train.resume)."""
         self.run, self.projection, self.segments = run, projection, segments
         self.curvature, self.fisher_samples = curvature, fisher_samples
         self._curv_writer: SegmentWriter | None = None
@@ -74,6 +106,7 @@ class GradientLogger(L.Callback):
         self._groups: tuple[list[float], list[float]] = ([], [])  # per-group LR, weight decay of the step
         self._names: dict[int, str] = {}  # id(parameter) -> name in the model's state_dict
         self._scale = 1.0
+        self._saved_at = resume_step  # boundary whose checkpoint is written (once: end of a step or start)
 
     # --- set-up ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -109,8 +142,9 @@ class GradientLogger(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
         if self._writer is None:  # first micro-batch of a segment
-            if step in self.boundaries:
+            if step in self.boundaries and step != self._saved_at:
                 self._save_checkpoint(trainer, pl_module, step)
+                self._saved_at = step
             j = self._segment_of(step)
             dims = {n: s.dim for n, s in self.capture.specs.items()}
             self._writer = SegmentWriter(self.run.grads(j), dims, dtype=self.projection.dtype)
@@ -218,7 +252,17 @@ class GradientLogger(L.Callback):
             if self._curv_writer is not None:
                 self._curv_writer.close()
                 self._curv_writer = None
+            self._write_part(self._segment_of(step))
             self._save_checkpoint(trainer, pl_module, step + 1)
+            self._saved_at = step + 1
+
+    def _write_part(self, segment: int) -> None:
+        """The trajectory rows of ``segment`` (finished, or cut short at the end of training)."""
+        if not self._step_rows:
+            return
+        write_parquet(pl.DataFrame(self._step_rows), self.run.trajectory_part("steps", segment))
+        write_parquet(pl.concat(self._batch_rows), self.run.trajectory_part("batches", segment))
+        self._step_rows, self._batch_rows = [], []
 
     def _write_curvature(self, step: int, skipped: bool) -> None:
         rec, inputs = self._curv_rec, self._curv_inputs
@@ -239,12 +283,12 @@ class GradientLogger(L.Callback):
         if self._curv_writer is not None:
             self._curv_writer.close()
             self._curv_writer = None
-        last = self._step_rows[-1]["step"] + 1 if self._step_rows else 0
+        if self._step_rows:
+            self._write_part(self._segment_of(self._step_rows[-1]["step"]))
+        last = merge_trajectory(self.run)
         if last != self.boundaries[-1]:
             log.warning("training stopped at step %d of %d; later segments are missing", last, self.boundaries[-1])
-        write_parquet(pl.DataFrame(self._step_rows), self.run.steps)
-        write_parquet(pl.concat(self._batch_rows), self.run.batches)
-        self.run.update_meta(status="trained", steps_done=last)
+        self.run.update_meta(status="trained", steps_done=last, remove_keys=("process",))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self._ctx is not None:
@@ -256,5 +300,7 @@ class GradientLogger(L.Callback):
         if self._curv_writer is not None:
             self._curv_writer.abort()
             self._curv_writer = None
-        step = self._step_rows[-1]["step"] + 1 if self._step_rows else 0
-        self.run.update_meta(status="failed", failed_at_step=step, error=f"{type(exception).__name__}: {exception}")
+        step = trainer.global_step
+        how = "cancelled" if cancelled(exception) else "failed"
+        error = f"{type(exception).__name__}: {exception}".rstrip(": ")
+        self.run.update_meta(status=how, failed_at_step=step, error=error, remove_keys=("process",))

@@ -44,7 +44,8 @@ class PlannedBatchSampler(Sampler[list[int]]):
 
     Use it as a DataLoader ``sampler`` with ``batch_size=None`` (so Lightning calls its
     ``set_epoch`` before each epoch; Lightning does not call it on a ``batch_sampler``).
-    ``len`` is the number of batches per epoch.
+    ``len`` is the number of batches per epoch. :meth:`resume_at` makes the iteration of one epoch
+    start at a later batch of its plan (a resumed run); ``len`` stays the full epoch.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False) -> None:
@@ -53,6 +54,14 @@ class PlannedBatchSampler(Sampler[list[int]]):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch = 0
+        self.start: tuple[int, int] | None = None  # (epoch, batch): where a resumed run continues
+
+    def resume_at(self, epoch: int, batch: int) -> None:
+        """Iterating ``epoch`` skips its first ``batch`` batches (done before the run was interrupted);
+        every other epoch is iterated whole. The plans themselves are unchanged."""
+        if not 0 <= batch < len(self):
+            raise ValueError(f"resume batch {batch} is outside epoch {epoch}'s {len(self)} batches")
+        self.start = (epoch, batch)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose plan ``__iter__`` yields."""
@@ -65,7 +74,8 @@ class PlannedBatchSampler(Sampler[list[int]]):
         return [order[i : i + self.batch_size].astype(np.int64) for i in range(0, stop, self.batch_size)]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.plan(self.epoch):
+        skip = self.start[1] if self.start is not None and self.start[0] == self.epoch else 0
+        for batch in self.plan(self.epoch)[skip:]:
             yield batch.tolist()
 
     def __len__(self) -> int:

@@ -55,6 +55,16 @@ class RunDir:
         """Optimizer state at boundary ``step``: keys ``"{parameter}::{state key}"``."""
         return self.root / "checkpoints" / f"optimizer-{step:06d}.safetensors"
 
+    def resume_state(self, step: int) -> Path:
+        """What else a run resumed at inner boundary ``step`` needs: RNG states (torch, numpy, python),
+        the LR scheduler, the loop position (epoch, batch), optimizer-state dtypes (safetensors + JSON
+        metadata; dvemb.train.resume). Written last at the boundary: its presence marks the boundary complete."""
+        return self.root / "checkpoints" / f"resume-{step:06d}.safetensors"
+
+    def trajectory_part(self, kind: str, segment: int) -> Path:
+        """``steps`` / ``batches`` rows of one finished segment (merged into trajectory/KIND.parquet at the end)."""
+        return self.root / "trajectory" / "segments" / f"{kind}-{segment:04d}.parquet"
+
     @property
     def projection(self) -> Path:
         return self.root / "grads" / "projection.json"
@@ -124,9 +134,12 @@ class RunDir:
             raise DamagedFileError(f"{self.run_json}: damaged — holds a {type(meta).__name__}, not a JSON object")
         return meta
 
-    def update_meta(self, **fields) -> None:
+    def update_meta(self, *, remove_keys: tuple[str, ...] = (), **fields) -> None:
+        """Set ``fields`` in run.json (created if absent) and remove the keys in ``remove_keys``."""
         meta = self.meta() if self.run_json.exists() else {}
         meta.update(fields)
+        for key in remove_keys:
+            meta.pop(key, None)
         write_json(self.run_json, meta)
 
     @property

@@ -3,6 +3,7 @@
 Everything that can be refused is checked before the run directory is touched: the task resolves
 and builds its model, the tables pass validation (labels / token ids inside ``n_classes``), and a dry
 forward pass on the first training batch gives a finite per-sample loss [B] with unique sample ids.
+``resume=True`` continues an interrupted run from its last boundary checkpoint (dvemb.train.resume).
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from dvemb.data.tables import (
     validate_table,
 )
 from dvemb.store.atomic import write_parquet_atomic
-from dvemb.store.rundir import RunDir
+from dvemb.store.rundir import RunDir, load_tensors
 from dvemb.task import DataInfo, Task, TaskError, check_batch, load_task
 from dvemb.train.module import Trainee
+from dvemb.train.resume import ResumePoint, plan_resume, this_process
+from dvemb.train.resumer import Resumer
 from dvemb.types import ProjectionConfig
 
 log = logging.getLogger(__name__)
@@ -162,9 +165,17 @@ def preflight(cfg: RunConfig, task: Task, model: nn.Module, prepared: Prepared) 
             model.train(was_training)
 
 
-def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = True) -> RunDir:
-    """Train ``cfg`` into ``run`` (created; never overwritten unless ``force``)."""
-    task = load_task(cfg)
+def _versions() -> dict[str, str]:
+    return {
+        "dvemb": dvemb.__version__,
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _start(cfg: RunConfig, task: Task, run: RunDir, force: bool) -> nn.Module:
+    """A new run: data prepared and checked, the run directory made, run.json and the data written."""
     prepared = prepare_data(cfg, task)
     model = build_model(cfg, task, prepared.info)
     preflight(cfg, task, model, prepared)
@@ -172,16 +183,48 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
     run.update_meta(
         config=cfg.model_dump(mode="json"),
         status="preparing",
-        versions={
-            "dvemb": dvemb.__version__,
-            "torch": torch.__version__,
-            "lightning": L.__version__,
-            "python": platform.python_version(),
-        },
+        versions=_versions(),
         model_shape=prepared.info.as_dict(),
     )
     write_data(prepared, run)
+    return model
+
+
+def _continue(cfg: RunConfig, task: Task, run: RunDir, point: ResumePoint) -> nn.Module:
+    """A resumed run: the model rebuilt as recorded, with the weights of the boundary it continues from."""
+    meta = run.meta()
+    model = build_model(cfg, task, DataInfo.from_dict(meta["model_shape"]))
+    model.load_state_dict(load_tensors(run.checkpoint(point.step)))
+    was, now = meta.get("versions", {}), _versions()
+    changed = {k: f"{was.get(k)} -> {v}" for k, v in now.items() if k != "dvemb" and was.get(k) != v}
+    if changed:
+        log.warning("resuming %s with other versions (%s): the result may differ in the last bits", run.root, changed)
+    resumed = [*meta.get("resumed_from", []), point.step]
+    run.update_meta(status="training", resumed_from=resumed, remove_keys=("error", "failed_at_step"))
+    log.info("resuming %s at step %d (epoch %d, batch %d)", run.root, point.step, point.state.epoch, point.state.batch)
+    return model
+
+
+def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = True, resume: bool = False) -> RunDir:
+    """Train ``cfg`` into ``run`` (created; never overwritten unless ``force``).
+
+    resume: continue ``run``'s own interrupted training (same config) from its last boundary checkpoint;
+    a finished training is kept as it is; a run that never reached a boundary after step 0 (or no run
+    at all) is started (over)."""
+    task = load_task(cfg)
+    point = plan_resume(run, cfg) if resume else None
+    if point is not None and point.done:
+        log.info("%s: training is complete; kept", run.root)
+        check_loss_trajectory(run)
+        return run
+    if point is None:
+        model = _start(cfg, task, run, force=force or (resume and run.run_json.exists()))
+    else:
+        model = _continue(cfg, task, run, point)
+    run.update_meta(process=this_process())
     dm = make_datamodule(cfg, run)
+    if point is not None:
+        dm.train_sampler.resume_at(point.state.epoch, point.state.batch)
     logger = GradientLogger(
         run,
         ProjectionConfig.of(cfg.capture),
@@ -190,6 +233,7 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
         reduction=cfg.train.reduction,
         curvature=cfg.embed.curvature,
         fisher_samples=cfg.embed.fisher_samples,
+        resume_step=point.step if point is not None else None,
     )
     trainer = L.Trainer(
         max_epochs=cfg.train.epochs,
@@ -197,7 +241,7 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
         devices=1,
         precision=cfg.train.precision,
         accumulate_grad_batches=cfg.train.accumulate,
-        callbacks=[logger],
+        callbacks=[Resumer(run, logger, point.state if point is not None else None), logger],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=progress,
@@ -206,6 +250,9 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
         deterministic=True,
         default_root_dir=str(run.root),
     )
-    trainer.fit(Trainee(model, cfg.train, task), datamodule=dm)
+    try:
+        trainer.fit(Trainee(model, cfg.train, task), datamodule=dm)
+    except SystemExit:  # Lightning ends a Ctrl-C with exit(1), after run.json recorded 'cancelled'
+        raise KeyboardInterrupt from None
     check_loss_trajectory(run)
     return run
