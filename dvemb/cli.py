@@ -307,12 +307,16 @@ def groundtruth(
     points: Annotated[int, typer.Option(help="occurrences whose exact TSLOO is computed")] = 200,
     seed: Annotated[int, typer.Option(help="seed of the draw of points/samples")] = 0,
     last_epoch: Annotated[bool, typer.Option("--last-epoch", help="draw the points from the last epoch only")] = False,
+    first_epoch: Annotated[
+        bool, typer.Option("--first-epoch", help="draw the points from the first epoch only")
+    ] = False,
     all_epoch: Annotated[int, typer.Option(help="also all-epoch LOO (full retraining) of this many samples")] = 0,
     fp64: Annotated[bool, typer.Option("--fp64", help="replay in float64")] = False,
 ) -> None:
-    """Exact ground truth by replaying the recorded SGD trajectory: RUN/eval/groundtruth[_all].parquet."""
+    """Exact ground truth by replaying the recorded trajectory through the optimizer as trained (SGD, momentum,
+    AdamW): RUN/eval/groundtruth[_all].parquet."""
     from dvemb.eval.groundtruth import groundtruth as groundtruth_stage
 
     with _handled():
-        s = groundtruth_stage(_run_dir(run_dir), points, seed, last_epoch, all_epoch, fp64)
+        s = groundtruth_stage(_run_dir(run_dir), points, seed, last_epoch, all_epoch, fp64, first_epoch=first_epoch)
         console.print(f"replay error {s['replay_rel_error']:.1e}; wrote {escape(str(run_dir / 'eval'))}")

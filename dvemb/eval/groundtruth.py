@@ -152,9 +152,10 @@ def groundtruth(
     seed: int = 0,
     last_epoch: bool = False,
     all_epoch: int = 0,
-    first_epoch: bool = False,
     fp64: bool = False,
     chunk: int = 64,
+    *,
+    first_epoch: bool = False,
 ) -> dict:
     """Write ``eval/groundtruth.parquet`` (step, sample_id, tsloo) [and ``eval/groundtruth_all.parquet``
     (sample_id, loo) when ``all_epoch`` > 0] plus ``eval/groundtruth.json``; returns the summary."""
