@@ -115,3 +115,19 @@ def test_gpu_benchmark_exact_section_runs_on_cpu():
     r = exact_section(QUICK, "cpu", Console(quiet=True))
     assert r["status"] == "measured", r
     assert r["exact_over_training"] > 1.0  # a sweep replays the steps and then runs them backwards
+
+
+def test_peer_adamw_quick_mode(tmp_path):
+    """dattri-llm's AdamW-influence on a recorded dvemb AdamW run (skipped where the peer is not installed)."""
+    pytest.importorskip("dattri_llm")
+    out = tmp_path / "bench_peer_adamw.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_peer_adamw", "--quick", "--out", str(out)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())["results"][0]
+    assert r["occurrences_scored"] == 2 * 256  # every occurrence of the 2 quick epochs over 256 rows has a score
+    assert r["layout_check_rel"] < 1e-10  # fp64: dvemb's rows sum to the g_t dattri-llm reads off the moments
+    assert r["propagations_rel_diff"] < 1e-4  # dattri-llm's W- and query-side sweeps agree (its float32)
+    last = r["phases"]["last"]["estimators"]["dattri-llm AdamWInfluence (propagation=train)"]
+    assert last["spearman"] > 0.5 and last["scale"] > 0  # sign turned to TSLOO's (0.98 / 0.96 measured)
