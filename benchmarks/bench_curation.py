@@ -1,9 +1,14 @@
 """Curation benchmark on noisy MNIST (configs/mnist_noisy.yaml): mislabel detection, then retraining.
 
-1. Train + embed + score the noisy run once (20 % of the training labels flipped on purpose).
+1. Train + embed + score the noisy run once (20 % of the training labels flipped on purpose), with the
+   config's ``score.mode`` (``exact`` by default; ``--set score.mode=embedding`` for the embedding mode).
+   The mode is recorded in the JSON (``score_mode``) and named in every table heading.
 2. Detection of the flipped labels by lowest value: AUROC and precision at the true noise count,
-   for DVEmb (scores/samples.parquet ``value``), grad-dot (eta * <grad l_val(theta_T), g> summed over
-   occurrences, the same projected gradients) and the plain training loss of the final model.
+   for DVEmb in the run's mode (scores/samples.parquet ``value``), DVEmb in the embedding mode on the
+   same run (from its stored embeddings, when the run's mode is not ``embedding``), grad-dot
+   (eta * <grad l_val(theta_T), g> summed over occurrences, the same projected gradients) and the plain
+   training loss of the final model. The per-step influence curve (mean |score| of each step's
+   occurrences at the final checkpoint) and the phases detected on it, for both modes.
    The ceiling of *any* validation-loss value: the exact all-epoch leave-one-out effect (fp64 retraining
    without the sample, ``dvemb.eval.groundtruth``) of ``--loo-samples`` random samples as a detector,
    next to the other detectors on the same samples. Then the same three detectors over ``--noise-seeds``
@@ -17,11 +22,12 @@
    the budget; online selection in fixed windows (first / middle / last third, last sixth, last half).
    Selection is stratified by label as the config says (curate.select_stratify).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_curation            # ~8 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_curation            # ~20 min on 2 shared CPU cores
     python -m benchmarks.bench_curation --quick                       # smoke run
     python -m benchmarks.bench_curation --detect-only --loo-samples 0 --set train.epochs=20   # one setting
 
-Writes benchmarks/results/bench_curation_<tag>.json and prints the Markdown tables of docs/CURATION.md.
+Writes benchmarks/results/bench_curation_<tag>.json (``_embedding`` in the tag when score.mode is not the
+default) and prints the Markdown tables of docs/CURATION.md.
 """
 
 from __future__ import annotations
@@ -41,8 +47,16 @@ from dvemb.curate.detect import detection_metrics, dvemb_values, grad_dot_values
 from dvemb.curate.plan import Window
 from dvemb.curate.retrain import METRICS, Variant, fit_variant, summarize
 from dvemb.curate.run import build_plan, curated_table, run_phases
+from dvemb.curate.values import phases_for, smooth_curve, step_curve
+from dvemb.embed.run import load_embeddings
 from dvemb.eval.groundtruth import all_epoch_loo, choose_samples, load_trajectory, verify_replay
 from dvemb.pipeline import run_local
+from dvemb.score.adam import adam_aware, adam_occurrence_scores
+from dvemb.score.run import val_vectors
+from dvemb.score.scores import occurrence_table, segment_scores
+from dvemb.store.gradstore import read_segment
+from dvemb.store.rundir import RunDir
+from dvemb.store.trajectory import read_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "mnist_noisy.yaml"
@@ -73,7 +87,8 @@ def main() -> None:
         sets += ["data.subset=600", "data.eval_subset=300", "train.epochs=2"]
     seeds = list(range(1 if args.quick else args.seeds))
     cfg = load_config(CONFIG, sets)
-    tag = "quick_cpu" if args.quick else "cpu"
+    mode = cfg.score.mode
+    tag = ("quick_" if args.quick else "") + ("" if mode == "exact" else f"{mode}_") + "cpu"
     out = args.out or ROOT / "benchmarks" / "results" / f"bench_curation_{tag}.json"
     with source_run_path(args.run_dir, "bench_curation_") as run_path:
         benchmark(args, cfg, seeds, out, run_path)
@@ -88,11 +103,14 @@ def benchmark(args: argparse.Namespace, cfg: RunConfig, seeds: list[int], out: P
     run = run_local(cfg, run_path, force=True, progress=False)
     source_s = time.perf_counter() - t
     corrupted = pl.read_parquet(run.corrupted)["sample_id"].to_numpy()
-    print(f"source run: {source_s:.1f} s, {len(corrupted)} flipped labels")
+    mode = cfg.score.mode
+    print(f"source run ({mode} scores): {source_s:.1f} s, {len(corrupted)} flipped labels")
 
     # 2. detection
     t = time.perf_counter()
-    detectors = all_detectors(run, cfg)
+    emb_occ = embedding_occurrences(run, cfg) if mode != "embedding" else None
+    detectors = all_detectors(run, cfg, emb_occ)
+    influence = influence_curves(run, cfg, emb_occ)
     detection = {name: detection_metrics(v, corrupted) for name, v in detectors.items()}
     by_column = detection_by_column(run, corrupted)
     detect_s = time.perf_counter() - t
@@ -113,6 +131,8 @@ def benchmark(args: argparse.Namespace, cfg: RunConfig, seeds: list[int], out: P
     samples = pl.read_parquet(run.samples)
     train = pl.read_parquet(run.data("train"))
     phases = run_phases(run, cfg.curate)
+    for m, c in influence.items():
+        print(f"  {m} scores: early [0, {c['phases']['early_end']}), late [{c['phases']['late_start']}, {c['steps']})")
     filt_cfg = cfg.curate.model_copy(update={"select": "none", "reorder": "none"})
     filtered = curated_table(train, samples, filt_cfg)
     n_removed = train.height - filtered.height
@@ -178,9 +198,11 @@ def benchmark(args: argparse.Namespace, cfg: RunConfig, seeds: list[int], out: P
         "benchmark": "bench_curation",
         "machine": machine_info("cpu"),
         "config": cfg.model_dump(mode="json"),
+        "score_mode": mode,
         "n_train": train.height,
         "n_flipped": int(len(corrupted)),
         "phases": phases.model_dump(mode="json"),
+        "influence_curve": influence,
         "filter": {"policy": cfg.curate.drop, "n_removed": n_removed, "n_removed_flipped": removed_noisy},
         "detection": detection,
         "detection_by_column": by_column,
@@ -204,13 +226,52 @@ def benchmark(args: argparse.Namespace, cfg: RunConfig, seeds: list[int], out: P
     print(markdown(result, summary))
 
 
-def all_detectors(run, cfg: RunConfig) -> dict[str, pl.DataFrame]:
-    """DVEmb, grad-dot and training-loss values of a finished run (low = flagged)."""
-    return {
-        "DVEmb": dvemb_values(run),
-        "grad-dot": grad_dot_values(run, cfg),
-        "training loss": loss_values(run, cfg),
-    }
+def all_detectors(run: RunDir, cfg: RunConfig, emb_occ: pl.DataFrame | None) -> dict[str, pl.DataFrame]:
+    """DVEmb (the run's score mode; the embedding mode from ``emb_occ`` too), grad-dot and training-loss
+    values of a finished run (low = flagged)."""
+    out = {f"DVEmb ({cfg.score.mode})": dvemb_values(run)}
+    if emb_occ is not None:
+        out["DVEmb (embedding)"] = (
+            emb_occ.group_by("sample_id").agg(pl.col("score").sum().alias("value")).sort("sample_id")
+        )
+    return out | {"grad-dot": grad_dot_values(run, cfg), "training loss": loss_values(run, cfg)}
+
+
+def embedding_occurrences(run: RunDir, cfg: RunConfig) -> pl.DataFrame:
+    """Embedding-mode scores of every occurrence at the final checkpoint (sample_id, step, score), as
+    ``score.mode: embedding`` would write them, without touching the run's scores/ (AdamW: the Adam-aware
+    recursion that mode uses)."""
+    b = run.boundaries
+    k = len(b) - 1
+    if adam_aware(run):
+        records = [r for j in range(k) for r in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads")]
+        return occurrence_table(records, adam_occurrence_scores(run, cfg, b[k], val_vectors(run, cfg, b[k])))
+    local, props = load_embeddings(run, cfg.embed.device)
+    s = segment_scores(local, props, val_vectors(run, cfg, b[k]), upto=k)
+    return occurrence_table([e for seg in local for e in seg], s)
+
+
+def influence_curves(run: RunDir, cfg: RunConfig, emb_occ: pl.DataFrame | None) -> dict[str, dict]:
+    """Per score mode: the per-step influence curve the phases are detected on (mean |score| of each step's
+    occurrences at the final checkpoint, / LR when ``curate.phase_curve`` is per_lr), its smoothed form, and
+    the phases detected on it (the configured ones when ``curate.phases`` is set)."""
+    c = cfg.curate
+    T = run.boundaries[-1]
+    lr = read_steps(run)["lr"].to_numpy() if c.phase_curve == "per_lr" else None
+    occs = {cfg.score.mode: pl.read_parquet(run.occurrences)}
+    if emb_occ is not None:
+        occs["embedding"] = emb_occ
+    out = {}
+    for mode, occ in occs.items():
+        curve = step_curve(occ, T, lr)
+        out[mode] = {
+            "steps": T,
+            "curve": c.phase_curve,
+            "mean_abs_score": curve.tolist(),
+            "smoothed": smooth_curve(curve, c.phase_smooth or max(1, round(T / 20))).tolist(),
+            "phases": phases_for(occ, T, c.phases, c.phase_threshold, c.phase_smooth, lr).model_dump(mode="json"),
+        }
+    return out
 
 
 def detection_by_column(run, corrupted: np.ndarray) -> dict[str, float]:
@@ -242,8 +303,10 @@ def detection_over_seeds(cfg: RunConfig, kind: str, n_seeds: int, n_loo: int) ->
         with source_run_path(None, f"bench_curation_{kind}{seed}_") as path:
             run = run_local(c, path, force=True, progress=False)
             corrupted = pl.read_parquet(run.corrupted)["sample_id"].to_numpy()
-            detectors = all_detectors(run, c)
+            emb_occ = embedding_occurrences(run, c) if c.score.mode != "embedding" else None
+            detectors = all_detectors(run, c, emb_occ)
             row = {"seed": seed, "detection": {n: detection_metrics(v, corrupted) for n, v in detectors.items()}}
+            row["phases"] = {m: v["phases"] for m, v in influence_curves(run, c, emb_occ).items()}
             if kind == "pairflip" and seed == 0:
                 row["loo_ceiling"] = exact_loo_detection(run, detectors, corrupted, n_loo)
         per_seed.append(row)
@@ -266,7 +329,7 @@ def window_plan(plan, start: int, stop: int, mode: str = "online"):
     return plan.model_copy(update={"windows": [Window(start=start, stop=stop, mode=mode, phase="window")]})
 
 
-def exact_loo_detection(run, detectors: dict[str, pl.DataFrame], corrupted: np.ndarray, n: int) -> dict | None:
+def exact_loo_detection(run: RunDir, detectors: dict[str, pl.DataFrame], corrupted: np.ndarray, n: int) -> dict | None:
     """AUROC of the exact all-epoch LOO effect (l_val' - l_val, negated: low = harmful) of ``n`` random
     samples, and of every detector restricted to the same samples. None when ``n`` is 0."""
     if n <= 0:
@@ -288,15 +351,27 @@ def exact_loo_detection(run, detectors: dict[str, pl.DataFrame], corrupted: np.n
     return out
 
 
+def score_mode(result: dict) -> str:
+    """The score mode a benchmark JSON's source runs were scored with (older JSONs: from their config)."""
+    return result.get("score_mode") or result["config"]["score"]["mode"]
+
+
+def detector_name(name: str, mode: str) -> str:
+    """Older JSONs call the run's own values plain "DVEmb": name their mode."""
+    return f"DVEmb ({mode})" if name == "DVEmb" else name
+
+
 def markdown(result: dict, summary: pl.DataFrame) -> str:
+    mode = score_mode(result)
     lines = [
-        f"Mislabel detection ({result['n_flipped']} of {result['n_train']} labels flipped):",
+        f"Mislabel detection ({result['n_flipped']} of {result['n_train']} labels flipped; source run scored in "
+        f"{mode} mode):",
         "",
         "| detector (lowest value = flagged) | AUROC | precision at k = #flipped |",
         "|---|---:|---:|",
     ]
     for name, m in result["detection"].items():
-        lines.append(f"| {name} | {m['auroc']:.4f} | {m['precision_at_k']:.4f} |")
+        lines.append(f"| {detector_name(name, mode)} | {m['auroc']:.4f} | {m['precision_at_k']:.4f} |")
     ceil = result.get("loo_ceiling")
     if ceil:
         lines += [
@@ -308,14 +383,16 @@ def markdown(result: dict, summary: pl.DataFrame) -> str:
             "|---|---:|---:|",
         ]
         for name, m in ceil["detection"].items():
-            lines.append(f"| {name} | {m['auroc']:.4f} | {m['precision_at_k']:.4f} |")
+            lines.append(f"| {detector_name(name, mode)} | {m['auroc']:.4f} | {m['precision_at_k']:.4f} |")
     if result.get("detection_by_column"):
         cols = ", ".join(f"`{c}` {a:.3f}" for c, a in result["detection_by_column"].items())
-        lines += ["", f"AUROC of each value column of `scores/samples.parquet`: {cols}."]
-    lines += noise_kind_markdown(result.get("detection_by_noise") or {})
+        lines += ["", f"AUROC of each value column of `scores/samples.parquet` ({mode} mode): {cols}."]
+    lines += influence_markdown(result.get("influence_curve") or {}, result["phases"], mode)
+    lines += noise_kind_markdown(result.get("detection_by_noise") or {}, mode)
     lines += [
         "",
-        f"Retraining, mean ± sd over {len(result['seeds'])} seeds (clean test set):",
+        f"Retraining on the {mode}-mode values (filter, prior value, detected phases), mean ± sd over "
+        f"{len(result['seeds'])} seeds (clean test set):",
         "",
         "| variant | train rows | selection steps | test accuracy | test loss | share of the every-step "
         "test-loss gain (same selection mode) |",
@@ -345,8 +422,38 @@ def markdown(result: dict, summary: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def noise_kind_markdown(by_noise: dict) -> list[str]:
-    """Detection per noise kind, mean ± sd over the source-run seeds; the pair-flip exact-LOO ceiling."""
+def influence_markdown(curves: dict, phases: dict, mode: str, bins: int = 10) -> list[str]:
+    """The per-step influence curve of each score mode by tenth of the run, and the phases detected on it."""
+    if not curves:
+        return []
+    T = phases["total_steps"]
+    edges = np.linspace(0, T, bins + 1).round().astype(int)
+    what = "mean |score| / LR" if next(iter(curves.values()))["curve"] == "per_lr" else "mean |score|"
+    lines = [
+        "",
+        f"Per-step influence curve ({what} of each step's occurrences at the final checkpoint, step {T}) by "
+        f"tenth of the run, and the phases detected on it (selection uses the {mode}-mode ones):",
+        "",
+        "| steps | " + " | ".join(f"{m} mode" for m in curves) + " |",
+        "|---|" + "---:|" * len(curves),
+    ]
+    for a, b in zip(edges[:-1], edges[1:]):
+        vals = " | ".join(f"{np.mean(c['mean_abs_score'][a:b]):.3e}" for c in curves.values())
+        lines.append(f"| {a}–{b - 1} | {vals} |")
+    lines.append("| **detected phases** | " + " | ".join(phase_text(c["phases"]) for c in curves.values()) + " |")
+    return lines
+
+
+def phase_text(p: dict) -> str:
+    """``early [0, e) + late [l, T)`` with an empty phase named as such."""
+    early = f"early [0, {p['early_end']})" if p["early_end"] > 0 else "early ∅"
+    late = f"late [{p['late_start']}, {p['total_steps']})" if p["late_start"] < p["total_steps"] else "late ∅"
+    return f"{early}, {late}"
+
+
+def noise_kind_markdown(by_noise: dict, mode: str) -> list[str]:
+    """Detection per noise kind, mean ± sd over the source-run seeds; the phases each run's modes detect;
+    the pair-flip exact-LOO ceiling."""
     kinds = {k: v for k, v in by_noise.items() if v}
     if not kinds:
         return []
@@ -354,7 +461,7 @@ def noise_kind_markdown(by_noise: dict) -> list[str]:
     lines = [
         "",
         f"Detection by noise kind, mean ± sd over {'/'.join(map(str, sorted(n)))} source runs (seed = data "
-        "subset, flipped rows and model init):",
+        f"subset, flipped rows and model init; source runs scored in {mode} mode):",
         "",
         "| noise | detector | AUROC | precision at k | AUROC per seed |",
         "|---|---|---:|---:|---|",
@@ -363,14 +470,27 @@ def noise_kind_markdown(by_noise: dict) -> list[str]:
         for name, m in v["summary"].items():
             seeds = ", ".join(f"{r['detection'][name]['auroc']:.3f}" for r in v["per_seed"])
             lines.append(
-                f"| {kind} | {name} | {m['auroc_mean']:.4f} ± {m['auroc_sd']:.4f} | "
+                f"| {kind} | {detector_name(name, mode)} | {m['auroc_mean']:.4f} ± {m['auroc_sd']:.4f} | "
                 f"{m['precision_at_k_mean']:.4f} ± {m['precision_at_k_sd']:.4f} | {seeds} |"
             )
+    if all("phases" in r for v in kinds.values() for r in v["per_seed"]):
+        lines += ["", "Phases detected on each of these source runs:", ""]
+        modes = list(next(iter(kinds.values()))["per_seed"][0]["phases"])
+        head = "| noise | seed | " + " | ".join(f"{m} mode" for m in modes) + " |"
+        lines += [head, "|---|---:|" + "---|" * len(modes)]
+        lines += [
+            f"| {kind} | {r['seed']} | " + " | ".join(phase_text(r["phases"][m]) for m in modes) + " |"
+            for kind, v in kinds.items()
+            for r in v["per_seed"]
+        ]
     ceil = (kinds.get("pairflip") or {"per_seed": [{}]})["per_seed"][0].get("loo_ceiling")
     if ceil:
         lines += ["", f"Pair flips, seed 0, on {ceil['n_samples']} random samples ({ceil['n_flipped']} flipped):", ""]
         lines += ["| detector (same samples) | AUROC | precision at k = #flipped |", "|---|---:|---:|"]
-        lines += [f"| {name} | {m['auroc']:.4f} | {m['precision_at_k']:.4f} |" for name, m in ceil["detection"].items()]
+        lines += [
+            f"| {detector_name(name, mode)} | {m['auroc']:.4f} | {m['precision_at_k']:.4f} |"
+            for name, m in ceil["detection"].items()
+        ]
     return lines
 
 
@@ -382,8 +502,9 @@ def print_markdown(path: Path, doc_block: str | None = None) -> None:
     if doc_block:
         cfg, m, sec = result["config"], result["machine"], result["seconds"]
         head = (
-            f"Tables of `{path}` (`--from-json {path} --doc-block {doc_block}`): "
-            f"{cfg['train']['epochs']} epochs, lr {cfg['train']['lr']}, {result['phases']['total_steps']} steps, "
+            f"Tables of `{path}` (`--from-json {path} --doc-block {doc_block}`): score.mode "
+            f"**{score_mode(result)}**, {cfg['train']['epochs']} epochs, lr {cfg['train']['lr']}, "
+            f"{result['phases']['total_steps']} steps, "
             f"{len(result['seeds'])} seeds; measured {m['date']} on {m['cpu_model']}, {sec['total']:.0f} s.\n\n"
         )
         replace_doc_block(ROOT / "docs" / "CURATION.md", doc_block, head + text)

@@ -33,15 +33,22 @@ def test_benchmark_quick_mode_writes_json(tmp_path, name):
 
 
 def test_curation_benchmark_quick_mode(tmp_path):
-    """Source run, detectors (both noise kinds, exact-LOO ceilings), every retraining variant."""
+    """Source run in the config's score mode (exact), detectors of both modes (both noise kinds, exact-LOO
+    ceilings), the influence curve and phases of both modes, every retraining variant."""
     out = tmp_path / "bench_curation.json"
     cmd = [sys.executable, "-m", "benchmarks.bench_curation", "--quick", "--out", str(out)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     payload = json.loads(out.read_text())
+    assert payload["score_mode"] == payload["config"]["score"]["mode"] == "exact"
+    assert {"DVEmb (exact)", "DVEmb (embedding)", "grad-dot", "training loss"} == set(payload["detection"])
+    curves = payload["influence_curve"]
+    assert set(curves) == {"exact", "embedding"} and curves["exact"]["phases"] == payload["phases"]
+    assert all(len(c["mean_abs_score"]) == payload["phases"]["total_steps"] for c in curves.values())
     assert set(payload["detection_by_noise"]) == {"uniform", "pairflip"}
     assert "loo_ceiling" in payload["detection_by_noise"]["pairflip"]["per_seed"][0]
+    assert set(payload["detection_by_noise"]["uniform"]["per_seed"][0]["phases"]) == {"exact", "embedding"}
     variants = {r["variant"] for r in payload["retrain_summary"]}
     assert {"prior-value selection at every step", "online selection at every step"} <= variants
 
