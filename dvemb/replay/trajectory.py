@@ -12,21 +12,20 @@ loss, so a replay with nothing changed reproduces the recorded boundaries (check
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import polars as pl
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from dvemb.data import TableDataModule
 from dvemb.replay.optim import OptimizerSpec, Params, ReplayError, State, StepHyper, optimizer_step
-from dvemb.runtask import data_info, run_config, task_of
-from dvemb.store.rundir import RunDir, load_tensors
-from dvemb.store.trajectory import read_steps
 from dvemb.task import Batch, Task
+
+if TYPE_CHECKING:  # the run-directory readers (polars, pydantic) load only where a run is read: the sweep
+    import polars as pl  # itself runs where neither is installed (benchmarks/bench_gpu.py)
+
+    from dvemb.store.rundir import RunDir
 
 log = logging.getLogger(__name__)
 VAL_BATCH = 512
@@ -120,6 +119,8 @@ def _check_deterministic(model: nn.Module) -> None:
 
 def check_replayable(run: RunDir) -> None:
     """ReplayError naming the option of the recorded run that the replay cannot reproduce exactly."""
+    from dvemb.runtask import run_config
+
     cfg = run_config(run)
     if cfg.train.precision in ("16-mixed", "bf16-mixed"):
         raise ReplayError(f"train.precision={cfg.train.precision!r}: mixed-precision steps cannot be replayed exactly")
@@ -143,6 +144,13 @@ def _hypers(steps: pl.DataFrame, spec: OptimizerSpec) -> list[StepHyper]:
 
 def load_trajectory(run: RunDir, fp64: bool = False) -> Trajectory:
     """Read the recorded trajectory of ``run`` (ReplayError when it cannot be replayed exactly)."""
+    import polars as pl
+
+    from dvemb.data import TableDataModule
+    from dvemb.runtask import data_info, task_of
+    from dvemb.store.rundir import load_tensors
+    from dvemb.store.trajectory import read_steps
+
     check_replayable(run)
     meta = run.meta()
     bounds = list(meta["boundaries"])
@@ -244,16 +252,3 @@ def verify_replay(traj: Trajectory, rtol: float | None = None) -> float:
         p, s = replay_range(traj, traj.checkpoints[a], traj.opt_states[a], a, b)
         worst = max(worst, check_boundary(traj, b, p, s, rtol))
     return worst
-
-
-LaneWeights = Callable[[int, RecordedStep], torch.Tensor]  # (step, recorded step) -> [n lanes, B] loss weights
-
-
-def sample_rows(traj: Trajectory, ids: np.ndarray) -> list[list[tuple[int, int]]]:
-    """For each sample id, its (step, position) occurrences."""
-    where: dict[int, list[tuple[int, int]]] = {int(i): [] for i in ids}
-    for t, s in enumerate(traj.steps):
-        for p, z in enumerate(s.sample_ids.tolist()):
-            if z in where:
-                where[z].append((t, p))
-    return [where[int(i)] for i in ids]
