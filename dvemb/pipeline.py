@@ -171,9 +171,12 @@ def intact(run: RunDir, paths: list[Path]) -> bool:
 
 
 def missing_segments(run: RunDir) -> list[int]:
-    """Segments whose embeddings or propagator are missing or damaged (what a resumed embed stage does)."""
+    """Segments whose embeddings or propagator are missing or damaged (what a resumed embed stage does);
+    none when the run's embed stage writes no files (``RunDir.expected``)."""
+    wanted = set(run.expected("embed"))
     k = len(run.boundaries) - 1
-    return [j for j in range(k) if not intact(run, [run.embeddings(j), run.propagator(j)])]
+    files = {j: [run.embeddings(j), run.propagator(j)] for j in range(k)}
+    return [j for j, paths in files.items() if wanted & set(paths) and not intact(run, paths)]
 
 
 def run_local(

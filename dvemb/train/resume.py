@@ -296,7 +296,7 @@ def plan_resume(run: RunDir, cfg: RunConfig) -> ResumePoint | None:
         return None
     meta = run.meta()
     check_same_config(run, cfg)
-    if meta.get("status") == "training" and process_alive(meta.get("process")):
+    if meta.get("status") in ("preparing", "training") and process_alive(meta.get("process")):
         p = meta["process"]
         raise RunBusyError(f"{run.root}: still training (pid {p['pid']} on {p['host']}); stop it or wait for it")
     leftovers = integrity.temp_leftovers(run.root)

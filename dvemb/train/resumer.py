@@ -43,30 +43,25 @@ def capture(trainer: L.Trainer, names: dict[int, str]) -> ResumeState:
 
 
 def restore_optimizer(opt: torch.optim.Optimizer, names: dict[int, str], run: RunDir, state: ResumeState) -> None:
-    """Load ``checkpoints/optimizer-b`` into ``opt`` (each entry in its recorded dtype and device)."""
+    """Load ``checkpoints/optimizer-b`` into ``opt``: each entry in its recorded dtype and device, in the
+    recorded order (so the state, and every file written from it, is as in the uninterrupted run)."""
     path = run.optimizer_state(state.step)
     saved = load_tensors(path)
     if set(saved) != set(state.optimizer_state):
         extra = sorted(set(saved) ^ set(state.optimizer_state))[:3]
         raise DamagedFileError(f"{path}: damaged — its entries differ from the resume state's (e.g. {extra})")
-    by_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key, v in saved.items():
-        name, entry = key.split(SEP, 1)
-        by_param.setdefault(name, {})[entry] = v
+    params = {names[id(p)]: p for group in opt.param_groups for p in group["params"]}
     opt.state.clear()
-    for group in opt.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            for entry, v in by_param.pop(name, {}).items():
-                how = state.optimizer_state[f"{name}{SEP}{entry}"]
-                if how.get("float"):
-                    opt.state[p][entry] = float(v)
-                else:
-                    device = p.device if how["device"] == "param" else torch.device("cpu")
-                    opt.state[p][entry] = v.to(dtype=getattr(torch, how["dtype"]), device=device)
-    if by_param:
-        unknown = sorted(by_param)[:3]
-        raise DamagedFileError(f"{path}: damaged — state for parameters the model does not have: {unknown}")
+    for key, how in state.optimizer_state.items():
+        name, entry = key.split(SEP, 1)
+        if name not in params:
+            raise DamagedFileError(f"{path}: damaged — state for a parameter the model does not have: {name!r}")
+        p, v = params[name], saved[key]
+        if how.get("float"):
+            opt.state[p][entry] = float(v)
+        else:
+            device = p.device if how["device"] == "param" else torch.device("cpu")
+            opt.state[p][entry] = v.to(dtype=getattr(torch, how["dtype"]), device=device)
 
 
 class Resumer(L.Callback):

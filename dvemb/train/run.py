@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import signal
 from dataclasses import dataclass, replace
 
 import lightning as L
@@ -183,6 +184,7 @@ def _start(cfg: RunConfig, task: Task, run: RunDir, force: bool) -> nn.Module:
     run.update_meta(
         config=cfg.model_dump(mode="json"),
         status="preparing",
+        process=this_process(),
         versions=_versions(),
         model_shape=prepared.info.as_dict(),
     )
@@ -200,7 +202,9 @@ def _continue(cfg: RunConfig, task: Task, run: RunDir, point: ResumePoint) -> nn
     if changed:
         log.warning("resuming %s with other versions (%s): the result may differ in the last bits", run.root, changed)
     resumed = [*meta.get("resumed_from", []), point.step]
-    run.update_meta(status="training", resumed_from=resumed, remove_keys=("error", "failed_at_step"))
+    run.update_meta(
+        status="training", process=this_process(), resumed_from=resumed, remove_keys=("error", "failed_at_step")
+    )
     log.info("resuming %s at step %d (epoch %d, batch %d)", run.root, point.step, point.state.epoch, point.state.batch)
     return model
 
@@ -221,7 +225,6 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
         model = _start(cfg, task, run, force=force or (resume and run.run_json.exists()))
     else:
         model = _continue(cfg, task, run, point)
-    run.update_meta(process=this_process())
     dm = make_datamodule(cfg, run)
     if point is not None:
         dm.train_sampler.resume_at(point.state.epoch, point.state.batch)
@@ -250,9 +253,11 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
         deterministic=True,
         default_root_dir=str(run.root),
     )
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(Trainee(model, cfg.train, task), datamodule=dm)
-    except SystemExit:  # Lightning ends a Ctrl-C with exit(1), after run.json recorded 'cancelled'
+    except SystemExit:  # Lightning ends a Ctrl-C with exit(1) (SIGINT ignored), after run.json said 'cancelled'
+        signal.signal(signal.SIGINT, sigint)
         raise KeyboardInterrupt from None
     check_loss_trajectory(run)
     return run
