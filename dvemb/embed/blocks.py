@@ -8,12 +8,13 @@ block-diagonal. M is D_total x D_total instead of one D_l x D_l per layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import torch
 
 from dvemb.embed.propagator import Curvature, Vectors
-from dvemb.types import StepGrads
+from dvemb.types import Schedule, StepGrads
 
 MODEL = "model"
 BLOCKS = ("layer", "model")
@@ -28,6 +29,21 @@ def merge_layers(vecs: Vectors) -> Vectors:
 
 def merge_step(rec: StepGrads) -> StepGrads:
     return StepGrads(rec.step, rec.sample_ids, rec.weights, merge_layers(rec.grads))
+
+
+def merge_schedule(schedule: Schedule, dims: Mapping[str, int]) -> Schedule:
+    """The schedule of the merged ``model`` vector: each layer's param groups laid out per coordinate in
+    sorted layer order (as :func:`merge_layers`). dims: layer -> D_l. Without param groups: unchanged."""
+    if not schedule.per_layer or set(dims) == {MODEL}:
+        return schedule
+    missing = sorted(set(dims) - set(schedule.layer_groups))
+    if missing:
+        raise ValueError(f"embed.blocks model: the schedule has no param group for layers {missing}")
+    parts = []
+    for n in sorted(dims):
+        g = schedule.layer_groups[n]
+        parts.append(torch.full((dims[n],), g, dtype=torch.int64) if isinstance(g, int) else g.to(torch.int64))
+    return replace(schedule, layer_groups={MODEL: torch.cat(parts)})
 
 
 def merge_curvature(fn: Callable[[StepGrads], Curvature] | None) -> Callable[[StepGrads], Curvature] | None:

@@ -1,8 +1,9 @@
 """Direct (validation-first) scoring: the same scores as embedding mode, without embeddings.
 
-U <- grad l_val(theta_c) (per layer [D, V]); for t = c-1 … 0:
-    scores_t = eta_t G_t U                        ([B, V], summed over layers)
-    U <- c_t U - eta_t sum_j beta_j f_j (f_j^T U)
+U <- grad l_val(theta_c) (per layer [D, V]); for t = c-1 … 0, with E_t = diag(eta_t) the LR of each
+stored coordinate's own param group and c_t = 1 - eta_t (.) lambda_t its decay factor (A_t = D_t - E_t H_t):
+    scores_t = G_t E_t U                          ([B, V], summed over layers)
+    U <- c_t (.) U - sum_j beta_j f_j (f_j^T E_t U)          (= A_t^T U)
 Cost O(B D V) per step instead of O(B D^2).
 """
 
@@ -12,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from dvemb.embed.blocks import check_blocks, merge_curvature, merge_layers, merge_step
-from dvemb.embed.propagator import Vectors, empirical_fisher
+from dvemb.embed.blocks import check_blocks, merge_curvature, merge_layers, merge_schedule, merge_step
+from dvemb.embed.propagator import Vectors, empirical_fisher, layer_rates
 from dvemb.embed.segments import CurvatureFn
 from dvemb.types import Schedule, StepGrads
 
@@ -30,10 +31,12 @@ def direct_scores(
     """Per-step scores [B_t, V] for ``records`` (consecutive steps ending right before the checkpoint).
 
     validation: layer -> [V, D] projected validation gradients at that checkpoint.
+    schedule: the LR / decay per step (per layer / coordinate where it carries param groups).
     blocks: "layer" (block-diagonal curvature) or "model" (one block over all layers).
     """
     check_blocks(blocks)
     if blocks == "model":
+        schedule = merge_schedule(schedule, {n: v.shape[1] for n, v in validation.items()})
         records, curvature = [merge_step(r) for r in records], merge_curvature(curvature)
         validation = merge_layers(validation)
     groups: dict[int, list[str]] = {}
@@ -47,19 +50,22 @@ def direct_scores(
     u = {d: stack(validation, names).transpose(1, 2).contiguous() for d, names in groups.items()}
     out: list[torch.Tensor] = []
     for rec in reversed(records):
-        lr, wd = schedule.at(rec.step)
+        lr, wd = schedule.rates(rec.step, validation)
         curv = curvature(rec) if curvature else empirical_fisher(rec)
         coef = curv.coef.to(device, dtype)[None, :, None]
         score = None
         for d, names in groups.items():
+            eta = layer_rates(lr, names, d, device)  # [L, D]
+            c = (1.0 - eta * layer_rates(wd, names, d, device)).to(dtype)[:, :, None]
+            eu = u[d] * eta.to(dtype)[:, :, None]  # E_t U
             g = stack(rec.grads, names)
-            gu = torch.bmm(g, u[d])  # [L, B, V]
+            gu = torch.bmm(g, eu)  # [L, B, V]
             part = gu.sum(0)
             score = part if score is None else score + part
             f, fu = (g, gu) if curvature is None else (stack(curv.vectors, names), None)
             if fu is None:
-                fu = torch.bmm(f, u[d])
-            u[d].baddbmm_(f.transpose(1, 2), fu * coef, beta=1.0 - lr * wd, alpha=-lr)
-        out.append(score * lr)
+                fu = torch.bmm(f, eu)
+            u[d].mul_(c).baddbmm_(f.transpose(1, 2), fu * coef, alpha=-1.0)
+        out.append(score)
     out.reverse()
     return out

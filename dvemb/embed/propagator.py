@@ -1,19 +1,24 @@
-"""The propagator ``Q = alpha*I - M`` per layer, and one step of the backward recursion.
+"""The propagator ``Q = C - M`` per layer, and one step of the backward recursion.
 
-Per layer (block-diagonal curvature), processing steps t = T-1 … 0 (docs/DESIGN.md §4):
-    e_z = eta_t (alpha I - M) g_z          the data value embeddings of step t
-    alpha <- c_t alpha,  M <- c_t M + sum_j beta_j e^f_j f_j^T      (c_t = 1 - eta_t * lambda_t)
-where the curvature H_t = sum_j beta_j f_j f_j^T; the empirical Fisher uses f = g, beta = 1/w.
-After the step, ``alpha*I - M`` = A_{end-1} … A_t. Layers of equal dimension are batched.
+Per layer (block-diagonal curvature), processing steps t = T-1 … 0 (docs/DESIGN.md §4), with
+``E_t = diag(eta_t)`` the LR of each stored coordinate's own parameter (its param group; a scalar when the
+layer is one group) and ``D_t = diag(c_t)``, ``c_t = 1 - eta_t (.) lambda_t`` its decay factor, so that the
+linearised step is ``A_t = D_t - E_t H_t``:
+    e_z = (C - M) E_t g_z                  the data value embeddings of step t
+    C <- C (.) c_t,  M <- M D_t + sum_j beta_j e^f_j f_j^T,   e^f_j = (C - M) E_t f_j
+where the curvature H_t = sum_j beta_j f_j f_j^T; the empirical Fisher uses f = g, beta = 1/w. C is
+diagonal (one [D] vector per layer; a multiple of the identity when every coordinate shares one LR and
+decay). After the step, ``C - M`` = A_{end-1} … A_t exactly. Layers of equal dimension are batched.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from dvemb.types import StepGrads
+from dvemb.types import Rate, StepGrads
 
 Vectors = dict[str, torch.Tensor]  # layer -> [n, D]
 
@@ -31,8 +36,18 @@ def empirical_fisher(rec: StepGrads) -> Curvature:
     return Curvature(rec.grads, 1.0 / rec.weights)
 
 
+Rates = Rate | Mapping[str, Rate]  # one value for every layer, or layer -> float | [D]
+
+
+def layer_rates(x: Rates, names: list[str], d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[L, D] float64: ``x`` (one float, or layer -> float | [D]) for each layer of ``names`` (all of dim d)."""
+    if not isinstance(x, Mapping):
+        return torch.full((len(names), d), float(x), dtype=torch.float64, device=device)
+    return torch.stack([torch.as_tensor(x[n], dtype=torch.float64, device=device).expand(d) for n in names])
+
+
 class Propagator:
-    """Q = alpha*I - M for each layer; starts as the identity. M: per dim group [L, D, D]."""
+    """Q = diag(C) - M for each layer; starts as the identity. Per dim group: M [L, D, D], C [L, D]."""
 
     def __init__(self, dims: dict[str, int], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.dims = dict(dims)
@@ -41,68 +56,86 @@ class Propagator:
         for name, d in self.dims.items():
             self.groups.setdefault(d, []).append(name)
         self.M = {d: torch.zeros(len(ns), d, d, dtype=dtype, device=self.device) for d, ns in self.groups.items()}
-        self.alpha = 1.0
+        self.C = {d: torch.ones(len(ns), d, dtype=dtype, device=self.device) for d, ns in self.groups.items()}
 
     def _stack(self, vecs: Vectors, names: list[str]) -> torch.Tensor:
         """[L, n, D] on this device/dtype."""
         return torch.stack([vecs[n].to(self.device, self.dtype) for n in names])
 
+    def rates(self, x: Rates, names: list[str], d: int) -> torch.Tensor:
+        """[L, D] float64: a per-layer value (float or [D] per coordinate) for each of ``names``."""
+        return layer_rates(x, names, d, self.device)
+
     def apply(self, vecs: Vectors, transpose: bool = False) -> Vectors:
-        """Rows x -> Q x (or Q^T x): alpha x - x M^T (or alpha x - x M). ``vecs`` may hold a subset of layers."""
+        """Rows x -> Q x (or Q^T x): C (.) x - x M^T (or C (.) x - x M). ``vecs`` may hold a subset of layers."""
         out = {}
         for d, names in self.groups.items():
             idx = [i for i, n in enumerate(names) if n in vecs]
             if not idx:
                 continue
             sub = [names[i] for i in idx]
-            m = self.M[d] if len(idx) == len(names) else self.M[d][idx]
+            full = len(idx) == len(names)
+            m = self.M[d] if full else self.M[d][idx]
+            c = self.C[d] if full else self.C[d][idx]
             x = self._stack(vecs, sub)
-            out.update(
-                zip(sub, torch.baddbmm(x, x, m if transpose else m.transpose(1, 2), beta=self.alpha, alpha=-1.0))
-            )
+            out.update(zip(sub, torch.baddbmm(x * c[:, None, :], x, m if transpose else m.transpose(1, 2), alpha=-1.0)))
         return out
 
-    def step(self, rec: StepGrads, lr: float, weight_decay: float = 0.0, curvature: Curvature | None = None) -> Vectors:
-        """Embed step ``rec`` (returns layer -> [B, D] embeddings eta Q g), then fold A_t into Q."""
-        c = 1.0 - lr * weight_decay
+    def step(self, rec: StepGrads, lr: Rates, weight_decay: Rates = 0.0, curvature: Curvature | None = None) -> Vectors:
+        """Embed step ``rec`` (returns layer -> [B, D] embeddings Q E g), then fold A_t into Q.
+
+        lr, weight_decay: the step's LR and coupled decay (decay factor 1 - lr * wd), one float for every
+        layer or layer -> float | [D] (each stored coordinate's own param group; dvemb.types.Schedule.rates).
+        """
         curv = curvature or empirical_fisher(rec)
         coef = curv.coef.to(self.device, self.dtype)
         out = {}
         for d, names in self.groups.items():
-            m = self.M[d]
+            m, cq = self.M[d], self.C[d]
+            eta64 = self.rates(lr, names, d)  # [L, D]
+            c = (1.0 - eta64 * self.rates(weight_decay, names, d)).to(self.dtype)
+            eta = eta64.to(self.dtype)[:, None, :]
             g = self._stack(rec.grads, names)
-            e = torch.baddbmm(g, g, m.transpose(1, 2), beta=self.alpha * lr, alpha=-lr)
+            eg = g * eta
+            e = torch.baddbmm(eg * cq[:, None, :], eg, m.transpose(1, 2), alpha=-1.0)
             if curvature is None:
                 f, ef = g, e
             else:
                 f = self._stack(curv.vectors, names)
-                ef = torch.baddbmm(f, f, m.transpose(1, 2), beta=self.alpha * lr, alpha=-lr)
-            m.baddbmm_((ef * coef[None, :, None]).transpose(1, 2), f, beta=c)
+                ef_in = f * eta
+                ef = torch.baddbmm(ef_in * cq[:, None, :], ef_in, m.transpose(1, 2), alpha=-1.0)
+            m.mul_(c[:, None, :]).baddbmm_((ef * coef[None, :, None]).transpose(1, 2), f)
+            cq.mul_(c)
             out.update(zip(names, e))
-        self.alpha *= c
         return out
 
     def compose(self, other: Propagator) -> None:
-        """self <- self @ other, i.e. (a I - M)(b I - N) = ab I - (a N + b M - M N)."""
-        a, b = self.alpha, other.alpha
+        """self <- self @ other, i.e. (C1 - M1)(C2 - M2) = C1 C2 - (C1 M2 + M1 C2 - M1 M2) (C diagonal)."""
         for d in self.groups:
-            self.M[d] = torch.baddbmm(other.M[d] * a + self.M[d] * b, self.M[d], other.M[d], alpha=-1.0)
-        self.alpha = a * b
+            c1, c2 = self.C[d], other.C[d]
+            m1, m2 = self.M[d], other.M[d]
+            self.M[d] = torch.baddbmm(c1[:, :, None] * m2 + m1 * c2[:, None, :], m1, m2, alpha=-1.0)
+            self.C[d] = c1 * c2
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensors for safetensors: one [D, D] M per layer plus alpha."""
-        out = {"alpha": torch.tensor([self.alpha], dtype=torch.float64)}
+        """Flat tensors for safetensors: per layer its [D, D] M and [D] diagonal C."""
+        out = {}
         for d, names in self.groups.items():
             for i, n in enumerate(names):
                 out[f"M.{n}"] = self.M[d][i].contiguous()
+                out[f"C.{n}"] = self.C[d][i].contiguous()
         return out
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> Propagator:
+        """Reads this layout, and the older one with one scalar ``alpha`` (C = alpha I) for every layer."""
         dims = {k[2:]: v.shape[0] for k, v in state.items() if k.startswith("M.")}
         dtype = next(v.dtype for k, v in state.items() if k.startswith("M."))
         prop = cls(dims, dtype, device)
         for d, names in prop.groups.items():
             prop.M[d] = torch.stack([state[f"M.{n}"].to(device) for n in names])
-        prop.alpha = float(state["alpha"][0])
+            if "alpha" in state:
+                prop.C[d] = torch.full((len(names), d), float(state["alpha"][0]), dtype=dtype, device=prop.device)
+            else:
+                prop.C[d] = torch.stack([state[f"C.{n}"].to(device, dtype) for n in names])
         return prop

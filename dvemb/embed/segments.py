@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dvemb.embed.blocks import check_blocks, merge_curvature, merge_step
+from dvemb.embed.blocks import check_blocks, merge_curvature, merge_schedule, merge_step
 from dvemb.embed.propagator import Curvature, Propagator
 from dvemb.types import Schedule, StepGrads
 
@@ -29,6 +29,8 @@ def embed_steps(
 ) -> tuple[list[StepGrads], Propagator]:
     """Backward recursion over consecutive ``records`` (ascending steps) from Q = I.
 
+    schedule: the LR / decay per step; where it carries param groups (``Schedule.layer_groups``) each
+    layer, or each stored coordinate, follows its own parameters' group.
     blocks: "layer" (one M per layer) or "model" (one M over all layers; see :mod:`dvemb.embed.blocks`).
 
     Returns the embeddings (same rows as ``records``; ``grads`` holds DVEmb to the end of the
@@ -39,12 +41,13 @@ def embed_steps(
             raise ValueError(f"steps must be consecutive: step {nxt.step} follows step {prev.step}")
     check_blocks(blocks)
     if blocks == "model":
+        schedule = merge_schedule(schedule, {n: g.shape[1] for n, g in records[0].grads.items()})
         records, curvature = [merge_step(r) for r in records], merge_curvature(curvature)
     dims = {n: g.shape[1] for n, g in records[0].grads.items()}
     prop = Propagator(dims, dtype, device)
     out = []
     for rec in reversed(records):
-        lr, wd = schedule.at(rec.step)
+        lr, wd = schedule.rates(rec.step, dims)
         emb = prop.step(rec, lr, wd, curvature(rec) if curvature else None)
         out.append(StepGrads(rec.step, rec.sample_ids, rec.weights, emb))
     out.reverse()

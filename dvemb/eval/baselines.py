@@ -3,8 +3,10 @@
 All return per-step ``[B_t, V]`` tensors aligned with ``records`` (like ``direct_scores``), with the
 sign convention of DVEmb: positive = the occurrence helped (removing it would raise the val loss).
 
-* **grad-dot** (no curvature, TracIn with one checkpoint): ``eta_t <grad l_val(theta_T), g_{t,z}>``.
-* **TracInCP**: ``eta_t <grad l_val(theta_{c(t)}), g_{t,z}>`` with c(t) the saved checkpoint nearest to t.
+* **grad-dot** (no curvature, TracIn with one checkpoint): ``<grad l_val(theta_T), E_t g_{t,z}>``.
+* **TracInCP**: ``<grad l_val(theta_{c(t)}), E_t g_{t,z}>`` with c(t) the saved checkpoint nearest to t.
+
+(``E_t``: the step's LR, per layer or per stored coordinate where the schedule carries param groups.)
 * **influence function** (damped, at the final model): ``grad l_val^T (H + lambda I)^{-1} g_{t,z}``
   per layer (block-diagonal), H the empirical Fisher ``mean_t sum_z (1/w) g g^T`` of the given
   (final-epoch) records, lambda = ``damping * trace(H) / D``. Removing z moves theta by about
@@ -18,24 +20,30 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from dvemb.capture.hooks import StepGrads
-from dvemb.embed.propagator import Vectors
-from dvemb.embed.segments import Schedule
+from dvemb.embed.propagator import Rates, Vectors
+from dvemb.types import Schedule, StepGrads
 
 
-def _dot(rec: StepGrads, validation: Vectors, dtype: torch.dtype) -> torch.Tensor:
+def _dot(rec: StepGrads, validation: Vectors, dtype: torch.dtype, lr: Rates = 1.0) -> torch.Tensor:
+    """sum over layers of (eta (.) g) @ v^T: [B, V]; lr one float or layer -> float | [D]."""
     s = None
     for name, v in validation.items():
-        part = rec.grads[name].to(dtype) @ v.to(dtype).T
+        eta = lr[name] if isinstance(lr, Mapping) else lr
+        g = rec.grads[name].to(dtype)
+        part = (g * (eta.to(g.device, dtype) if torch.is_tensor(eta) else float(eta))) @ v.to(dtype).T
         s = part if s is None else s + part
     return s
+
+
+def _lr(schedule: Schedule, step: int, layers) -> Rates:
+    return schedule.rates(step, layers)[0]
 
 
 def grad_dot(
     records: Sequence[StepGrads], schedule: Schedule, validation: Vectors, dtype: torch.dtype = torch.float64
 ) -> list[torch.Tensor]:
-    """eta_t <v, g_{t,z}>: validation layer -> [V, D] at the final model."""
-    return [schedule.at(r.step)[0] * _dot(r, validation, dtype) for r in records]
+    """<v, E_t g_{t,z}>: validation layer -> [V, D] at the final model."""
+    return [_dot(r, validation, dtype, _lr(schedule, r.step, validation)) for r in records]
 
 
 def nearest_checkpoint(step: int, checkpoints: Sequence[int]) -> int:
@@ -51,7 +59,11 @@ def tracin_cp(
 ) -> list[torch.Tensor]:
     """TracInCP: validation_at[c] = validation gradients at saved checkpoint c (parameters before step c)."""
     cps = sorted(validation_at)
-    return [schedule.at(r.step)[0] * _dot(r, validation_at[nearest_checkpoint(r.step, cps)], dtype) for r in records]
+    out = []
+    for r in records:
+        v = validation_at[nearest_checkpoint(r.step, cps)]
+        out.append(_dot(r, v, dtype, _lr(schedule, r.step, v)))
+    return out
 
 
 def empirical_fisher_matrix(

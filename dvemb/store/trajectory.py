@@ -1,12 +1,20 @@
-"""Reading the recorded trajectory back: the schedule and the epoch of every step."""
+"""Reading the recorded trajectory back: the schedule (per param group) and the epoch of every step."""
 
 from __future__ import annotations
 
-import polars as pl
+import logging
+from collections.abc import Mapping
 
+import polars as pl
+import torch
+
+from dvemb.capture.projection import LayerProjection, Projector
 from dvemb.errors import StoreError
+from dvemb.store.gradstore import read_projection
 from dvemb.store.rundir import RunDir
 from dvemb.types import Schedule
+
+log = logging.getLogger(__name__)
 
 
 def read_steps(run: RunDir) -> pl.DataFrame:
@@ -20,6 +28,66 @@ def read_steps(run: RunDir) -> pl.DataFrame:
 
 
 def read_schedule(run: RunDir) -> Schedule:
-    """Per-step LR actually applied and weight decay, as recorded."""
+    """Per-step LR actually applied and weight decay, as recorded; per param group and captured layer too
+    when the optimizer had several groups (nanoGPT decay / no-decay, per-group LR).
+
+    Group i at step t: LR ``group_lr[t][i] * clip_factor[t]`` and decay factor ``1 - group_lr * group_wd``
+    (SGD's coupled decay; AdamW's proxy keeps no decay, as the ``weight_decay`` column). A step whose update
+    was skipped (AMP overflow, recorded ``lr`` 0) applies nothing in any group.
+    """
     df = read_steps(run)
-    return Schedule(lr=df["lr"].to_list(), weight_decay=df["weight_decay"].to_list())
+    lr, wd = df["lr"].to_list(), df["weight_decay"].to_list()
+    opt = run.meta().get("optimizer") or {}
+    groups = [g["params"] for g in opt.get("groups", [])]
+    if len(groups) < 2 or "group_lr" not in df.columns or not run.projection.exists():
+        return Schedule(lr=lr, weight_decay=wd)
+    sgd = opt.get("kind") == "sgd"
+    clip = df["clip_factor"].to_list() if "clip_factor" in df.columns else [1.0] * df.height
+    group_lr, group_wd = [], []
+    rows = zip(lr, df["group_lr"].to_list(), df["group_weight_decay"].to_list(), clip)
+    for t, (lr_t, glr, gwd, c) in enumerate(rows):
+        if len(glr) != len(groups) or len(gwd) != len(groups):
+            raise StoreError(f"{run.steps}: step {t} records {len(glr)} group LRs for {len(groups)} param groups")
+        skipped = lr_t == 0.0 and glr[0] * c != 0.0
+        group_lr.append([0.0 if skipped else x * c for x in glr] + [0.0])  # last: frozen (no group)
+        group_wd.append([(w / c if sgd and c > 0 else 0.0) for w in gwd] + [0.0])
+    group_of = {p: i for i, ps in enumerate(groups) for p in ps}
+    specs = read_projection(run.projection)
+    layers = {n: stored_groups(n, s, group_of, frozen=len(groups)) for n, s in specs.items()}
+    return Schedule(lr, wd, group_lr, group_wd, layers)
+
+
+def stored_groups(layer: str, spec: LayerProjection, group_of: Mapping[str, int], frozen: int) -> int | torch.Tensor:
+    """The param group of each stored coordinate of a captured layer: an int when one group covers it,
+    else a [dim] int64 tensor. ``frozen``: the index standing for a parameter in no group (not trained).
+
+    A layer's stored matrix is G [d_out, d_in] (the bias, the parameter named ``*.bias``, is its last column
+    when there is one; dvemb.capture.layers) projected as ``P_s G P_a^T``: columns keep their parameter when the a
+    side is exact or a coordinate subsample. Under a Gaussian a side (or the elementwise sketch) weight and
+    bias columns mix: the whole layer then follows its weight's group, an approximation for the bias
+    coordinates when the bias is in another group (nanoGPT's no-decay biases).
+    """
+    if not spec.params:  # a store from before parameter names were recorded: the first group's schedule
+        return 0
+    if not (spec.bias and len(spec.params) > 1):
+        return group_of.get(spec.params[0], frozen)
+    bias = next((p for p in spec.params if p.rsplit(".", 1)[-1] == "bias"), spec.params[-1])
+    w = group_of.get(next(p for p in spec.params if p != bias), frozen)
+    b = group_of.get(bias, frozen)
+    if b == w:
+        return w
+    rows, cols = spec.shape
+    if spec.kind == "elementwise" or not (spec.identity_a or spec.kind == "subsample"):
+        log.info(
+            "layer %r: a Gaussian projection mixes weight and bias; its bias (group %d) follows the weight's group %d",
+            layer,
+            b,
+            w,
+        )
+        return w
+    if spec.identity_a:
+        is_bias = torch.arange(cols) == spec.d_in - 1
+    else:  # the stored columns are a subsample of G's columns
+        is_bias = Projector(spec, torch.float64).p_a.argmax(1) == spec.d_in - 1
+    col = torch.where(is_bias, b, w).to(torch.int64)
+    return col.repeat(rows)
