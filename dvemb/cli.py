@@ -201,7 +201,7 @@ def embed(
         cfg = config_of(run, sets or [])
         todo = check_segment_index(run, segment or range(len(run.boundaries) - 1))
         for j in track(todo, description="embedding segments", console=console):
-            embed_segment(run, j, cfg.embed)
+            embed_segment(run, j, cfg.embed, cfg.score.mode)
 
 
 @app.command()
@@ -286,6 +286,31 @@ def status(
             console.print(f"[yellow]leftover[/] {n} temporary file(s) of an interrupted write: {escape(names)}")
         if bad:
             raise typer.Exit(2)
+
+
+@app.command()
+def gc(
+    run_dir: Path,
+    drop_grads: Annotated[
+        bool,
+        typer.Option(
+            "--drop-grads",
+            help="also drop the gradient store of a run without embeddings (then only score.mode=exact scores it)",
+        ),
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be dropped; delete nothing")] = False,
+) -> None:
+    """Drop what a finished run no longer needs (inside RUN only; recorded in run.json): temporary files, and the
+    gradient store when the embeddings are kept (docs/SCALE.md)."""
+    from dvemb.store.gc import gc as gc_run
+
+    with _handled():
+        gone = gc_run(_run_dir(run_dir), drop_grads=drop_grads, dry_run=dry_run)
+        verb = "would drop" if dry_run else "dropped"
+        for rel, e in gone.items():
+            console.print(f"{verb} {escape(rel)} ({e['bytes']:,} bytes): {escape(e['why'])}")
+        total = sum(e["bytes"] for e in gone.values())
+        console.print(f"{verb} {len(gone)} file(s), {total / 2**20:,.1f} MiB" if gone else "nothing to drop")
 
 
 @data_app.command("fetch")

@@ -102,7 +102,11 @@ class CaptureConfig(Section):
         "AdamW runs)",
     )
     seed: int = 0
-    dtype: Literal["float32", "float64"] = "float32"
+    dtype: Literal["float32", "float64", "float16", "bfloat16"] = Field(
+        "float32",
+        description="dtype of the stored projected gradients; float16 / bfloat16 halve the store (computed in "
+        "float32, rounded when written, read back as float32)",
+    )
     layers: str | list[str] | None = Field(None, description="glob pattern or names; null = every nn.Linear")
 
 
@@ -118,6 +122,11 @@ class EmbedConfig(Section):
     fisher_samples: int = Field(1, ge=1, description="sampled labels per sample for curvature=fisher_mc")
     blocks: Literal["layer", "model"] = Field(
         "layer", description="curvature blocks: one per layer (block-diagonal) or one over all tracked layers"
+    )
+    write: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="write the embeddings and propagators: auto = only when score.mode=embedding scores with "
+        "them (exact and direct modes need none; the embed stage then writes nothing), always, or never",
     )
 
 
@@ -181,12 +190,23 @@ class RunConfig(Section):
     curate: CurateConfig = Field(default_factory=CurateConfig)
 
     @model_validator(mode="after")
+    def _embeddings_for_embedding_mode(self) -> RunConfig:
+        if self.embed.write == "never" and self.score.mode == "embedding":
+            raise ValueError("embed.write=never, but score.mode=embedding scores with the embeddings")
+        return self
+
+    @model_validator(mode="after")
     def _adamw_capture(self) -> RunConfig:
         """AdamW runs capture a coordinate subset by default: the Adam-aware embedding modes need AdamW's
         elementwise state in the stored coordinates (docs/RESULTS.md, bench_exact)."""
         if self.train.optimizer == "adamw" and "kind" not in self.capture.model_fields_set:
             self.capture.kind = "subsample"
         return self
+
+
+def writes_embeddings(write: str, score_mode: str) -> bool:
+    """Whether the embed stage writes embeddings and propagators (``embed.write``, ``score.mode``)."""
+    return write == "always" or (write == "auto" and score_mode == "embedding")
 
 
 class ConfigError(DvembError):

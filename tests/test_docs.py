@@ -33,6 +33,7 @@ RUN_SETS = [
     "embed.segments=2",
     "data.label_noise=0.1",
     "embed.curvature=fisher",
+    "embed.write=always",  # the embeddings files too (exact mode alone writes none)
 ]
 
 

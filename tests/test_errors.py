@@ -23,6 +23,7 @@ from dvemb.store.rundir import RunDir, load_tensors, save_tensors
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits_mlp.yaml"
 TINY = ["--set", "train.epochs=1", "--set", "data.subset=200", "--set", "embed.segments=2"]  # 7 steps
+TINY += ["--set", "embed.write=always"]  # embeddings and propagators too (exact mode alone writes none)
 runner = CliRunner()
 
 
@@ -265,7 +266,11 @@ def test_non_finite_propagator_writes_no_scores(base, tmp_path):
     state[name].view(-1)[3] = float("nan")
     save_tensors(run.propagator(1), state)  # through dvemb.store.atomic: the manifest follows
     assert_clean_error(
-        cli("score", run.root), "scores: column 'score' is nan", "step", "sample_id", "nothing was written"
+        cli("score", run.root, "--set", "score.mode=embedding"),
+        "scores: column 'score' is nan",
+        "step",
+        "sample_id",
+        "nothing was written",
     )
     assert not (run.root / "scores").exists() or not list((run.root / "scores").iterdir())
 

@@ -27,7 +27,7 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "base"
-    sets = ["train.epochs=1", "data.subset=200", "embed.segments=2"]
+    sets = ["train.epochs=1", "data.subset=200", "embed.segments=2", "embed.write=always"]
     res = cli(
         "run",
         ROOT / "configs" / "digits_mlp.yaml",

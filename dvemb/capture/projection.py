@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# projections are computed in this dtype; float16 / bfloat16 are storage dtypes (computed in float32,
+# rounded by the gradient store when written)
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float32, "bfloat16": torch.float32}
 KINDS = ("kronecker", "elementwise", "subsample")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
+from pathlib import Path
+
 import polars as pl
 import torch
 
@@ -14,16 +17,18 @@ from dvemb.data import TableDataModule
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.run import DTYPES, load_embeddings
+from dvemb.embed.segments import CurvatureFn
 from dvemb.runtask import model_at, task_of
 from dvemb.score.adam import adam_aware, adam_occurrence_scores
 from dvemb.score.exact import exact_occurrences
 from dvemb.score.scores import occurrence_table, segment_scores
 from dvemb.score.validation import validation_gradients
 from dvemb.store.atomic import atomic_path
-from dvemb.store.gradstore import read_projection, read_segment
+from dvemb.store.gc import check_not_dropped
+from dvemb.store.gradstore import SegmentedRecords, read_projection, read_segment
 from dvemb.store.rundir import RunDir
 from dvemb.store.trajectory import read_schedule, read_steps
-from dvemb.types import ProjectionConfig
+from dvemb.types import ProjectionConfig, StepGrads
 
 
 def val_vectors(run: RunDir, cfg: RunConfig, step: int, batch_size: int = 512) -> dict[str, torch.Tensor]:
@@ -44,8 +49,45 @@ def val_vectors(run: RunDir, cfg: RunConfig, step: int, batch_size: int = 512) -
     return {k: v.sum(0, keepdim=True) / n for k, v in sums.items()}
 
 
+def grad_records(run: RunDir) -> SegmentedRecords:
+    """The stored gradients of every step, read one segment at a time."""
+    b = run.boundaries
+    paths = [run.grads(j) for j in range(len(b) - 1)]
+    check_not_dropped(run, paths, "score")
+    return SegmentedRecords(paths, b, kind="grads")
+
+
+def occurrence_index(paths: list[Path], bounds: list[int], kind: str) -> list[StepGrads]:
+    """Step, sample ids and weights of every stored record, without vectors (what an occurrence table
+    needs): segment files ``paths`` holding steps ``bounds[j] .. bounds[j + 1] - 1``, in step order."""
+    out = []
+    for j, path in enumerate(paths):
+        for r in read_segment(path, range(bounds[j], bounds[j + 1]), kind=kind, vectors=False):
+            out.append(StepGrads(r.step, r.sample_ids.clone(), r.weights.clone(), {}))
+    return out
+
+
+def segment_curvature(run: RunDir, name: str, bounds: list[int]) -> CurvatureFn | None:
+    """``curvature_fn`` for any step, holding the stored vectors of one segment at a time (None: empirical)."""
+    if curvature_fn(run, name, []) is None:
+        return None
+    held: dict[int, CurvatureFn] = {}
+
+    def fn(rec: StepGrads):
+        j = bisect.bisect_right(bounds, rec.step) - 1
+        if j not in held:
+            held.clear()
+            held[j] = curvature_fn(run, name, [j])
+        return held[j](rec)
+
+    return fn
+
+
 def score(run: RunDir, cfg: RunConfig) -> str:
-    """Write scores/occurrences.parquet (every occurrence at every checkpoint) and scores/samples.parquet."""
+    """Write scores/occurrences.parquet (every occurrence at every checkpoint) and scores/samples.parquet.
+
+    Embedding and direct modes stream: one segment's gradients (or embeddings and propagator) in memory
+    at a time, whatever the number of steps."""
     run.require("train")
     b = run.boundaries
     k = len(b) - 1
@@ -55,26 +97,27 @@ def score(run: RunDir, cfg: RunConfig) -> str:
     if cfg.score.mode == "exact":
         tables.append(exact_occurrences(run, cfg))
     elif adam_aware(run):  # AdamW: the linearised (theta, m, v) recursion, validation-first, in either mode
-        records = [r for j in range(k) for r in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads")]
+        index = occurrence_index(grad_records(run).files, b, "grads")
         for m in checkpoints:
             s = adam_occurrence_scores(run, cfg, b[m], val_vectors(run, cfg, b[m]))
-            tables.append(occurrence_table(records[: b[m]], s, checkpoint=b[m]))
+            tables.append(occurrence_table(index[: b[m]], s, checkpoint=b[m]))
     elif cfg.score.mode == "embedding":
         local, props = load_embeddings(run, device)
-        steps_of = [e for seg in local for e in seg]
+        index = occurrence_index([run.embeddings(j) for j in range(k)], b, "embeddings")
         for m in checkpoints:
             s = segment_scores(local, props, val_vectors(run, cfg, b[m]), upto=m)
-            tables.append(occurrence_table(steps_of[: b[m]], s, checkpoint=b[m]))
+            tables.append(occurrence_table(index[: b[m]], s, checkpoint=b[m]))
     else:
-        records = [r for j in range(k) for r in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads")]
+        records = grad_records(run)
+        index = occurrence_index(records.files, b, "grads")
         schedule = read_schedule(run)
-        curv = curvature_fn(run, cfg.embed.curvature, range(k))
+        curv = segment_curvature(run, cfg.embed.curvature, b)
         for m in checkpoints:
             v = val_vectors(run, cfg, b[m])
             s = direct_scores(
                 records[: b[m]], schedule, v, dtype=dtype, device=device, curvature=curv, blocks=cfg.embed.blocks
             )
-            tables.append(occurrence_table(records[: b[m]], s, checkpoint=b[m]))
+            tables.append(occurrence_table(index[: b[m]], s, checkpoint=b[m]))
     epochs = read_steps(run).select("step", "epoch")
     occ = (
         pl.concat(tables)

@@ -5,20 +5,30 @@ File layout (uncompressed IPC *file* format, memory-mappable): columns ``step`` 
 per layer, rows grouped by ascending step. Schema metadata carries the schema version, the
 kind ("grads" / "embeddings"), the layer dims and the dtype. ``projection.json`` beside the
 files records every layer's projection. Reads are zero-copy views of the mapped file.
+
+Half-precision stores (``capture.dtype`` float16 / bfloat16: half the bytes of float32) keep the
+vectors as ``FixedSizeList<halffloat>`` or, since Arrow has no bfloat16, as the bfloat16 bit
+patterns in ``FixedSizeList<uint16>`` (metadata ``encoding``: ``bfloat16-bits``); these files carry
+schema version 2 so that an older dvemb refuses them instead of misreading them. Reading converts
+their vectors to float32 (a copy per step; ids and weights stay zero-copy).
+
+:class:`SegmentedRecords` reads the steps of consecutive segment files one segment at a time, so a
+pass over a run holds one segment in memory, not the run.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
 import queue
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, overload
 
 import numpy as np
 import pyarrow as pa
@@ -30,8 +40,15 @@ from dvemb.store.atomic import finalize, temp_path_for, write_json
 from dvemb.types import ProjectionConfig, StepGrads
 
 SCHEMA_VERSION = 1
-ARROW_TYPES = {"float32": pa.float32(), "float64": pa.float64()}
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+HALF_SCHEMA_VERSION = 2  # float16 / bfloat16 vectors (older readers refuse the file)
+ARROW_TYPES = {"float32": pa.float32(), "float64": pa.float64(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+HALF_DTYPES = ("float16", "bfloat16")
 
 
 def segment_schema(layer_dims: dict[str, int], dtype: str, kind: str) -> pa.Schema:
@@ -42,12 +59,31 @@ def segment_schema(layer_dims: dict[str, int], dtype: str, kind: str) -> pa.Sche
     ]
     fields += [pa.field(n, pa.list_(ARROW_TYPES[dtype], d)) for n, d in layer_dims.items()]
     meta = {
-        "dvemb_schema_version": str(SCHEMA_VERSION),
+        "dvemb_schema_version": str(HALF_SCHEMA_VERSION if dtype in HALF_DTYPES else SCHEMA_VERSION),
         "kind": kind,
         "dtype": dtype,
         "layers": json.dumps(layer_dims),
     }
+    if dtype == "bfloat16":
+        meta["encoding"] = "bfloat16-bits"  # uint16 values are the bit patterns of bfloat16 numbers
     return pa.schema(fields, metadata=meta)
+
+
+def _store_values(g: torch.Tensor) -> np.ndarray:
+    """The flat numpy values Arrow stores for a host tensor of the store dtype (bfloat16: its bits)."""
+    if g.dtype == torch.bfloat16:
+        g = g.view(torch.uint16)
+    return g.numpy().reshape(-1)
+
+
+def _vectors(values: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Stored vector values as the tensor handed to readers: float32/64 as they are (zero-copy),
+    float16 / bfloat16 converted to float32 (a copy)."""
+    if dtype == "bfloat16":
+        return values.view(torch.bfloat16).to(torch.float32)
+    if dtype == "float16":
+        return values.to(torch.float32)
+    return values
 
 
 @dataclass
@@ -97,6 +133,8 @@ class SegmentWriter:
             raise ValueError(f"queue_steps must be >= 1, got {queue_steps}")
         self.path = Path(path)
         self.layer_dims = dict(layer_dims)
+        if dtype not in TORCH_DTYPES:
+            raise StoreError(f"{Path(path).name}: store dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
         self.dtype = dtype
         self._torch_dtype = TORCH_DTYPES[dtype]
         self.schema = segment_schema(self.layer_dims, dtype, kind)
@@ -193,7 +231,7 @@ class SegmentWriter:
             pa.array(rows.weights.numpy()),
         ]
         for g, d in zip(rows.layers, self.layer_dims.values()):
-            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(g.numpy().reshape(-1)), d))
+            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(_store_values(g)), d))
         return pa.record_batch(cols, schema=self.schema)
 
     def _drain(self) -> None:
@@ -282,11 +320,13 @@ def _view(arr: pa.Array, path: Path, name: str) -> torch.Tensor:
 
 
 def read_segment(
-    path: str | os.PathLike, expected_steps: range | None = None, kind: str | None = None
+    path: str | os.PathLike, expected_steps: range | None = None, kind: str | None = None, vectors: bool = True
 ) -> list[StepGrads]:
     """Memory-map a store file; each step's rows become zero-copy tensors over the mapping.
 
-    Returns the steps in ascending order (``grads`` holds embeddings for an embeddings file).
+    Returns the steps in ascending order (``grads`` holds embeddings for an embeddings file; float32
+    for a half-precision store). vectors=False: steps, sample ids and weights only (``grads`` empty;
+    the vector columns are neither touched nor converted).
     Raises StoreError naming the file when it is missing, truncated, of another schema version,
     or lacks some of ``expected_steps``.
     """
@@ -300,8 +340,13 @@ def read_segment(
         raise StoreError(f"{path}: truncated or not an Arrow IPC file ({e})") from e
     meta = {k.decode(): v.decode() for k, v in (reader.schema.metadata or {}).items()}
     version = meta.get("dvemb_schema_version")
-    if version != str(SCHEMA_VERSION):
-        raise StoreError(f"{path}: store schema version {version!r}, this dvemb reads {SCHEMA_VERSION}")
+    if version not in (str(SCHEMA_VERSION), str(HALF_SCHEMA_VERSION)):
+        raise StoreError(
+            f"{path}: store schema version {version!r}, this dvemb reads {SCHEMA_VERSION} and {HALF_SCHEMA_VERSION}"
+        )
+    dtype = meta.get("dtype", "float32")
+    if dtype not in TORCH_DTYPES:
+        raise StoreError(f"{path}: unknown store dtype {dtype!r}")
     if kind is not None and meta.get("kind") != kind:
         raise StoreError(f"{path}: holds {meta.get('kind')!r}, expected {kind!r}")
     layer_dims: dict[str, int] = json.loads(meta["layers"])
@@ -314,11 +359,12 @@ def read_segment(
         if records and step <= records[-1].step:
             raise StoreError(f"{path}: step {step} follows step {records[-1].step}; steps must ascend")
         grads = {}
-        for name, d in layer_dims.items():
+        for name, d in layer_dims.items() if vectors else ():
             col = b.column(name)
             if col.null_count:
                 raise StoreError(f"{path}: step {step}, layer {name!r} has null rows")
-            grads[name] = _view(col.values, path, name).view(-1, d)[col.offset : col.offset + len(col)]
+            values = _view(col.values, path, name).view(-1, d)[col.offset : col.offset + len(col)]
+            grads[name] = _vectors(values, dtype)
         ids, w = _view(b.column("sample_id"), path, "sample_id"), _view(b.column("weight"), path, "weight")
         records.append(StepGrads(step=step, sample_ids=ids, weights=w, grads=grads))
     if expected_steps is not None:
@@ -332,6 +378,73 @@ def read_segment(
                 f"missing steps {missing[:10]}{more}" + (f", unexpected steps {extra[:10]}" if extra else "")
             )
     return records
+
+
+class SegmentedRecords(Sequence[StepGrads]):
+    """The steps ``start .. stop - 1`` of a run stored in consecutive segment files, read a segment at a time.
+
+    files[j] holds the steps ``bounds[j] .. bounds[j + 1] - 1``. Indexing and iterating (forwards or
+    ``reversed``) map one segment file and keep only that one: a pass over the run holds one segment,
+    not the run. A record handed out stays valid after the sequence moves on (it keeps its own mapping
+    alive). A slice (step 1) is a new sequence over the sub-range; nothing is read until indexed.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str | os.PathLike],
+        bounds: Sequence[int],
+        kind: str | None = None,
+        start: int | None = None,
+        stop: int | None = None,
+    ):
+        if len(bounds) != len(files) + 1:
+            raise ValueError(f"{len(files)} segment files need {len(files) + 1} boundaries, got {len(bounds)}")
+        self.files, self.bounds, self.kind = [Path(f) for f in files], list(bounds), kind
+        self.start = self.bounds[0] if start is None else start
+        self.stop = self.bounds[-1] if stop is None else stop
+        self._loaded: tuple[int, list[StepGrads]] | None = None  # (segment, its records)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def _segment_records(self, j: int) -> list[StepGrads]:
+        if self._loaded is None or self._loaded[0] != j:
+            self._loaded = None  # drop the previous segment before mapping the next
+            b = self.bounds
+            self._loaded = (j, read_segment(self.files[j], range(b[j], b[j + 1]), kind=self.kind))
+        return self._loaded[1]
+
+    @overload
+    def __getitem__(self, i: int) -> StepGrads: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> SegmentedRecords: ...
+
+    def __getitem__(self, i: int | slice) -> StepGrads | SegmentedRecords:
+        if isinstance(i, slice):
+            lo, hi, stride = i.indices(len(self))
+            if stride != 1:
+                raise ValueError("SegmentedRecords slices must be contiguous (step 1)")
+            return SegmentedRecords(self.files, self.bounds, self.kind, self.start + lo, self.start + max(lo, hi))
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} outside 0..{len(self) - 1}")
+        step = self.start + i
+        j = bisect.bisect_right(self.bounds, step) - 1
+        return self._segment_records(j)[step - self.bounds[j]]
+
+    def __iter__(self) -> Iterator[StepGrads]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __reversed__(self) -> Iterator[StepGrads]:
+        for i in reversed(range(len(self))):
+            yield self[i]
+
+    def release(self) -> None:
+        """Forget the segment held (it is unmapped once no record of it is referenced)."""
+        self._loaded = None
 
 
 def write_projection(

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dvemb.config import writes_embeddings
 from dvemb.errors import DamagedFileError, DvembError, RunPathError, StoreError
 from dvemb.store import integrity
 from dvemb.store.atomic import atomic_path, write_json
@@ -155,10 +156,12 @@ class RunDir:
         return list(meta["boundaries"])
 
     def expected(self, stage: str) -> list[Path]:
-        """The files a finished ``stage`` (train / embed / score / curate) leaves behind."""
+        """The files a finished ``stage`` (train / embed / score / curate) leaves behind: none for embed when
+        the recorded ``embed.write`` / ``score.mode`` write no embeddings; never a file ``dvemb gc`` dropped."""
         if stage == "train":
             b = self.boundaries
-            return [
+            gone = set((self.meta().get("gc") or {}).get("dropped") or {})
+            files = [
                 self.run_json,
                 self.data("train"),
                 self.data("val"),
@@ -168,8 +171,14 @@ class RunDir:
                 *[self.checkpoint(s) for s in b],
                 *[self.grads(j) for j in range(len(b) - 1)],
             ]
+            return [p for p in files if p.relative_to(self.root).as_posix() not in gone]
         if stage == "embed":
             k = len(self.boundaries) - 1
+            cfg = self.meta().get("config") or {}
+            if not writes_embeddings(
+                (cfg.get("embed") or {}).get("write", "auto"), (cfg.get("score") or {}).get("mode", "exact")
+            ):
+                return []
             return [p for j in range(k) for p in (self.embeddings(j), self.propagator(j))]
         if stage == "score":
             return [self.occurrences, self.samples]

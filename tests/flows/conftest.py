@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "configs" / "digits_mlp.yaml"
 POOL = "dvemb"
-TINY = ["train.epochs=2", "data.subset=300", "embed.segments=2"]
+TINY = ["train.epochs=2", "data.subset=300", "embed.segments=2", "embed.write=always"]  # embed segments in parallel
 
 
 def _free_port() -> int:
