@@ -162,6 +162,23 @@ def test_resume_refuses_what_cannot_be_right(runs, tmp_path) -> None:
     assert f"training in progress: pid {os.getpid()}" in res.output
 
 
+def test_a_finished_training_is_kept_or_refused_never_redone(runs, tmp_path) -> None:
+    run = RunDir(shutil.copytree(runs["ref"], tmp_path / "copy"))
+    # killed after its last file, before run.json said 'trained': nothing is trained again
+    run.update_meta(status="training", process={"pid": 2**22 + 1, "host": this_process()["host"], "start": None})
+    before = {p: p.stat().st_mtime_ns for p in run.root.rglob("*.safetensors")}
+    res = cli("train", "--out", str(run.root), "--resume")
+    assert res.exit_code == 0, res.output
+    assert run.meta()["status"] == "trained" and "process" not in run.meta()
+    assert {p: p.stat().st_mtime_ns for p in run.root.rglob("*.safetensors")} == before
+    with open(run.grads(0), "r+b") as f:  # a finished training's file damaged: only --force trains again
+        f.truncate(100)
+    res = cli("train", "--out", str(run.root), "--resume")
+    assert res.exit_code == 2
+    assert "training finished but its files are damaged (grads/seg-0000-rank-0.arrow: size 100 bytes" in res.output
+    assert "train it again with --force" in res.output
+
+
 DROPOUT_TASK = '''
 from torch import nn
 from dvemb.task import ClassificationTask

@@ -240,13 +240,28 @@ def last_boundary(run: RunDir, curvature: bool = False, deep: bool = False) -> i
     return None
 
 
-def training_complete(run: RunDir) -> bool:
-    """Every file of a finished training stage is there and reads (sizes / headers; no hashing)."""
-    try:
-        run.require("train")
-    except (StoreError, DamagedFileError):
+def finished_training(run: RunDir) -> bool:
+    """Training got to its end: every file of the train stage is there (a finished training, maybe killed
+    before run.json said so), or run.json says trained / diverged. DamagedFileError / StoreError naming
+    the files when such a training's files are damaged (sha256) or missing: only ``--force`` redoes it."""
+    expected = run.expected("train")
+    missing = [p for p in expected if not p.exists()]
+    status = run.meta().get("status")
+    if missing and status not in ("trained", "diverged"):
         return False
-    return run.meta().get("status") in ("trained", "diverged")
+    if missing:
+        names = ", ".join(str(p.relative_to(run.root)) for p in missing[:4])
+        raise StoreError(
+            f"{run.root}: training finished (status {status!r}) but {names} "
+            f"{'is' if len(missing) == 1 else 'are'} missing; nothing to resume — train it again with --force"
+        )
+    bad = integrity.damaged(run.root, expected, deep=True)
+    if bad:
+        names = "; ".join(f"{p.relative_to(run.root)}: {why}" for p, why in bad.items())
+        raise DamagedFileError(
+            f"{run.root}: training finished but its files are damaged ({names}); train it again with --force"
+        )
+    return True
 
 
 def _all_segments_done(run: RunDir) -> bool:
@@ -306,7 +321,10 @@ def plan_resume(run: RunDir, cfg: RunConfig) -> ResumePoint | None:
         log.info("resume: removed %d temporary file(s) of interrupted writes", len(leftovers))
     if "boundaries" not in meta:
         return None
-    if training_complete(run):
+    if finished_training(run):
+        if meta.get("status") not in ("trained", "diverged"):  # killed after its last file was written
+            steps = run.boundaries[-1]
+            run.update_meta(status="trained", steps_done=steps, remove_keys=("process", "error", "failed_at_step"))
         return ResumePoint(run.boundaries[-1], done=True)
     if _all_segments_done(run):  # killed while merging the trajectory at the very end
         from dvemb.capture.callback import merge_trajectory

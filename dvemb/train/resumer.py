@@ -72,7 +72,7 @@ class Resumer(L.Callback):
     """
 
     def __init__(self, run: RunDir, logger, state: ResumeState | None = None):
-        """logger: the run's GradientLogger (its boundaries and parameter names); state: where to resume."""
+        """logger: the run's GradientLogger (its segment boundaries); state: where a resumed run starts."""
         self.run, self.logger, self.state = run, logger, state
         self._pending = state is not None  # counters / RNG still to set at the first batch
         self._seen_step: int | None = state.step if state is not None else None
