@@ -51,13 +51,17 @@ def direct_scores(
     out: list[torch.Tensor] = []
     for rec in reversed(records):
         lr, wd = schedule.rates(rec.step, validation)
+        uniform = not schedule.per_layer  # scalars: folded into the GEMM, as the score's factor
         curv = curvature(rec) if curvature else empirical_fisher(rec)
         coef = curv.coef.to(device, dtype)[None, :, None]
         score = None
         for d, names in groups.items():
-            eta = layer_rates(lr, names, d, device)  # [L, D]
-            c = (1.0 - eta * layer_rates(wd, names, d, device)).to(dtype)[:, :, None]
-            eu = u[d] * eta.to(dtype)[:, :, None]  # E_t U
+            if uniform:
+                eu = u[d]
+            else:
+                eta = layer_rates(lr, names, d, device)  # [L, D]
+                c = (1.0 - eta * layer_rates(wd, names, d, device)).to(dtype)[:, :, None]
+                eu = u[d] * eta.to(dtype)[:, :, None]  # E_t U
             g = stack(rec.grads, names)
             gu = torch.bmm(g, eu)  # [L, B, V]
             part = gu.sum(0)
@@ -65,7 +69,10 @@ def direct_scores(
             f, fu = (g, gu) if curvature is None else (stack(curv.vectors, names), None)
             if fu is None:
                 fu = torch.bmm(f, eu)
-            u[d].mul_(c).baddbmm_(f.transpose(1, 2), fu * coef, alpha=-1.0)
-        out.append(score)
+            if uniform:
+                u[d].baddbmm_(f.transpose(1, 2), fu * coef, beta=1.0 - lr * wd, alpha=-lr)
+            else:
+                u[d].mul_(c).baddbmm_(f.transpose(1, 2), fu * coef, alpha=-1.0)
+        out.append(score * lr if uniform else score)
     out.reverse()
     return out

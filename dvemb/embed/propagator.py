@@ -89,25 +89,39 @@ class Propagator:
         """
         curv = curvature or empirical_fisher(rec)
         coef = curv.coef.to(self.device, self.dtype)
+        uniform = not isinstance(lr, Mapping) and not isinstance(weight_decay, Mapping)
         out = {}
         for d, names in self.groups.items():
             m, cq = self.M[d], self.C[d]
-            eta64 = self.rates(lr, names, d)  # [L, D]
-            c = (1.0 - eta64 * self.rates(weight_decay, names, d)).to(self.dtype)
-            eta = eta64.to(self.dtype)[:, None, :]
+            if uniform:  # scalars: folded into the GEMMs (no pass over M of its own)
+                eta, c = float(lr), 1.0 - float(lr) * float(weight_decay)
+            else:
+                eta64 = self.rates(lr, names, d)  # [L, D]
+                c = (1.0 - eta64 * self.rates(weight_decay, names, d)).to(self.dtype)
+                eta = eta64.to(self.dtype)[:, None, :]
             g = self._stack(rec.grads, names)
-            eg = g * eta
-            e = torch.baddbmm(eg * cq[:, None, :], eg, m.transpose(1, 2), alpha=-1.0)
+            e = self._q_e(g, m, cq, eta)
             if curvature is None:
                 f, ef = g, e
             else:
                 f = self._stack(curv.vectors, names)
-                ef_in = f * eta
-                ef = torch.baddbmm(ef_in * cq[:, None, :], ef_in, m.transpose(1, 2), alpha=-1.0)
-            m.mul_(c[:, None, :]).baddbmm_((ef * coef[None, :, None]).transpose(1, 2), f)
+                ef = self._q_e(f, m, cq, eta)
+            upd = (ef * coef[None, :, None]).transpose(1, 2)
+            if uniform:
+                m.baddbmm_(upd, f, beta=c)
+            else:
+                m.mul_(c[:, None, :]).baddbmm_(upd, f)  # M D_t + sum_j beta_j e^f_j f_j^T
             cq.mul_(c)
             out.update(zip(names, e))
         return out
+
+    @staticmethod
+    def _q_e(x: torch.Tensor, m: torch.Tensor, cq: torch.Tensor, eta: float | torch.Tensor) -> torch.Tensor:
+        """Rows x [L, n, D] -> (C - M) E x, with E = eta (a float or [L, 1, D])."""
+        if isinstance(eta, float):
+            return torch.baddbmm(x * cq[:, None, :], x, m.transpose(1, 2), beta=eta, alpha=-eta)
+        x = x * eta
+        return torch.baddbmm(x * cq[:, None, :], x, m.transpose(1, 2), alpha=-1.0)
 
     def compose(self, other: Propagator) -> None:
         """self <- self @ other, i.e. (C1 - M1)(C2 - M2) = C1 C2 - (C1 M2 + M1 C2 - M1 M2) (C diagonal)."""
