@@ -14,7 +14,8 @@ sampler skip the batches of the epoch already done (the order of epoch ``e`` is 
 ``(seed, e)``), sets Lightning's progress counters to the boundary and restores the RNG states right
 before step ``b``'s forward pass — the point they were saved at. Everything after that point runs the
 same code on the same numbers as the uninterrupted run, so the finished run's files are bit-identical.
-Nothing is unpickled: safetensors and JSON only.
+Nothing is unpickled: safetensors and JSON only. This module plans a resume and reads / writes the
+state; the Lightning callback that captures and restores it is :class:`dvemb.train.resumer.Resumer`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from dvemb.config import ConfigError, RunConfig
 from dvemb.errors import DamagedFileError, DvembError, StoreError
@@ -132,6 +134,7 @@ class ResumeState:
 
 
 def json_state(obj, what: str) -> dict:
+    """``obj.state_dict()`` as plain JSON (StoreError naming ``what`` when it holds anything else)."""
     state = obj.state_dict()
     try:
         return json.loads(json.dumps(state))
@@ -147,8 +150,6 @@ def save_state(run: RunDir, state: ResumeState) -> None:
 def load_state(run: RunDir, step: int) -> ResumeState:
     """The resume state of boundary ``step`` (DamagedFileError naming the file when unreadable)."""
     path = run.resume_state(step)
-    from safetensors import safe_open
-
     tensors = load_tensors(path)
     try:
         with safe_open(str(path), "pt") as f:
