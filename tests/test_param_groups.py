@@ -163,6 +163,7 @@ def test_per_coordinate_recursion_equals_dense_products(curvature):
         for n in names:
             torch.testing.assert_close(g.grads[n], w[n], rtol=1e-10, atol=1e-13)
     state = Propagator.from_state_dict(prop.state_dict()).state_dict()
+    assert "alpha" not in state  # the coordinates' groups differ: C per layer
     for n in names:
         torch.testing.assert_close(torch.diag(state[f"C.{n}"]) - state[f"M.{n}"], want_q[n], rtol=1e-10, atol=1e-13)
     # the per-coordinate decay and LR differ inside layer "0" and between the two layers of one dim group
@@ -214,12 +215,13 @@ def test_schedule_without_groups_and_older_propagators_are_unchanged():
         merge_schedule(sched, {**dims, "x": 3})
     with pytest.raises(ValueError, match="come together"):
         Schedule([0.1], [0.0], group_lr=[[0.1]])
-    # a propagator file from before the diagonal C (one scalar alpha) still loads
+    # without param groups the propagator file keeps its layout (one scalar alpha: C = alpha I)
     _, prop = embed_steps(records, plain, F64)
     state = prop.state_dict()
-    alpha = float(state["C.0"][0])
-    old = {k: v for k, v in state.items() if k.startswith("M.")} | {"alpha": torch.tensor([alpha], dtype=F64)}
-    torch.testing.assert_close(Propagator.from_state_dict(old).state_dict(), state)
+    assert set(state) == {"alpha"} | {f"M.{n}" for n in dims}
+    back = Propagator.from_state_dict(state)
+    torch.testing.assert_close(back.state_dict(), state)
+    assert all(torch.equal(back.C[d], prop.C[d]) for d in prop.C)
     # per-group rates that happen to be one group for everything give the one-LR recursion
     one = Schedule(sched.lr, sched.weight_decay, [[a, a] for a in sched.lr], [[w, w] for w in sched.weight_decay],
                    {n: torch.zeros(d, dtype=torch.int64) for n, d in dims.items()})  # fmt: skip

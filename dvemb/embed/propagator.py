@@ -132,17 +132,24 @@ class Propagator:
             self.C[d] = c1 * c2
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensors for safetensors: per layer its [D, D] M and [D] diagonal C."""
+        """Flat tensors for safetensors: per layer its [D, D] M (``M.<layer>``), and C as one float64 scalar
+        ``alpha`` (C = alpha I for every layer: one LR and decay for all coordinates, the layout of runs
+        without param groups) or, where the coordinates' groups differ, per layer its [D] diagonal ``C.<layer>``."""
         out = {}
         for d, names in self.groups.items():
             for i, n in enumerate(names):
                 out[f"M.{n}"] = self.M[d][i].contiguous()
+        first = next(iter(self.C.values())).reshape(-1)[0]
+        if all(bool((c == first).all()) for c in self.C.values()):
+            return out | {"alpha": first.to(torch.float64).reshape(1).cpu()}
+        for d, names in self.groups.items():
+            for i, n in enumerate(names):
                 out[f"C.{n}"] = self.C[d][i].contiguous()
         return out
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> Propagator:
-        """Reads this layout, and the older one with one scalar ``alpha`` (C = alpha I) for every layer."""
+        """The inverse of :meth:`state_dict` (either layout of C)."""
         dims = {k[2:]: v.shape[0] for k, v in state.items() if k.startswith("M.")}
         dtype = next(v.dtype for k, v in state.items() if k.startswith("M."))
         prop = cls(dims, dtype, device)
