@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from dvemb.config import RunConfig
 from dvemb.data import TableDataModule
+from dvemb.eval.baselines import grad_dot
 from dvemb.runtask import model_at, task_of
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir
@@ -29,13 +30,13 @@ def grad_dot_values(run: RunDir, cfg: RunConfig) -> pl.DataFrame:
 
     b = run.boundaries
     v = val_vectors(run, cfg, b[-1])
-    lr = read_schedule(run).lr
+    schedule = read_schedule(run)  # each layer's own param-group LR
     ids, vals = [], []
     for j in range(len(b) - 1):
-        for rec in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads"):
-            s = sum(rec.grads[n].to(torch.float64) @ v[n].to(torch.float64).T for n in v)[:, 0]
+        records = read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads")
+        for rec, s in zip(records, grad_dot(records, schedule, v)):
             ids.append(rec.sample_ids.numpy().copy())
-            vals.append((lr[rec.step] * s).numpy())
+            vals.append(s[:, 0].numpy())
     df = pl.DataFrame({"sample_id": np.concatenate(ids), "value": np.concatenate(vals)})
     return df.group_by("sample_id").agg(pl.col("value").sum()).sort("sample_id")
 
