@@ -51,8 +51,8 @@ def _handled(resumable: dict | None = None) -> Iterator[None]:
     """Every command's errors as one line: DvembError / ValueError -> exit 2, anything else -> exit 1.
 
     With ``--debug`` (or DVEMB_DEBUG=1) the exception propagates with its traceback. resumable: filled
-    with ``{"out": run directory}`` once a training command knows it; an interruption then says how
-    to continue."""
+    with ``"out"`` (the run directory) once a training command (``"command"``: run | train) knows it; an
+    interruption then says how to continue."""
     try:
         yield
     except KeyboardInterrupt:
@@ -60,7 +60,10 @@ def _handled(resumable: dict | None = None) -> Iterator[None]:
             raise
         from dvemb.train.resume import resume_command
 
-        how = f"; continue with: {resume_command(resumable['out'])}" if resumable and "out" in resumable else ""
+        if resumable and "out" in resumable:
+            how = f"; continue with: {resume_command(resumable['out'], resumable['command'])}"
+        else:
+            how = ""
         raise _fail(f"interrupted{how}", 130) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -140,7 +143,7 @@ def run(
     """The full pipeline: train -> embed -> score -> curate."""
     from dvemb.checks import check_config
 
-    with _handled(resumable := {}):
+    with _handled(resumable := {"command": "run"}):
         if engine not in ("prefect", "local"):
             raise DvembError(f"--engine {engine!r}: choose 'prefect' or 'local'")
         cfg = _run_config(config, out, sets, force, resume)
@@ -178,7 +181,7 @@ def train(
     from dvemb.checks import check_config
     from dvemb.train.run import train as train_stage
 
-    with _handled(resumable := {}):
+    with _handled(resumable := {"command": "train"}):
         cfg = _run_config(config, out, sets, force, resume)
         check_config(cfg)
         resumable["out"] = out = out or Path("runs") / cfg.name

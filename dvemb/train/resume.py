@@ -342,9 +342,9 @@ def plan_resume(run: RunDir, cfg: RunConfig) -> ResumePoint | None:
 
 
 # --- what `dvemb status` says ----------------------------------------------------------------------
-def resume_command(out: str | os.PathLike[str]) -> str:
-    """The command that continues the run in ``out``."""
-    return f"dvemb run --out {out} --resume --engine local"
+def resume_command(out: str | os.PathLike[str], command: str = "run") -> str:
+    """The command that continues the run in ``out`` (``run``: every stage; ``train``: training only)."""
+    return f"dvemb {command} --out {out} --resume" + (" --engine local" if command == "run" else "")
 
 
 def status_lines(run: RunDir, meta: dict) -> list[str]:
