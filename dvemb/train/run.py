@@ -149,7 +149,7 @@ def build_model(cfg: RunConfig, task: Task, info: DataInfo) -> nn.Module:
         raise TaskError(f"task {task.name!r}: build_model(info) failed ({type(e).__name__}: {e}) for {info}") from e
     if not isinstance(model, nn.Module):
         raise TaskError(f"task {task.name!r}: build_model(info) must return a torch.nn.Module, got {type(model)}")
-    return model.double() if cfg.train.precision == "64-true" else model
+    return model.double() if cfg.train.precision == "64-true" else model.float()  # whatever torch's default dtype
 
 
 def preflight(cfg: RunConfig, task: Task, model: nn.Module, prepared: Prepared) -> None:
