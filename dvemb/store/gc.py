@@ -97,14 +97,10 @@ def gc(run: RunDir, drop_grads: bool = False, dry_run: bool = False) -> dict[str
     }
     if dry_run or not now:
         return now
-    temps = {p.relative_to(run.root).as_posix() for p in integrity.temp_leftovers(run.root)}
-    record = {rel: e for rel, e in now.items() if rel not in temps}  # temp files were never part of the run
-    if record:
-        meta = run.meta().get("gc") or {}
-        everything = {**(meta.get("dropped") or {}), **record}
-        total = sum(e["bytes"] for e in everything.values())
-        run.update_meta(gc={"dropped": everything, "bytes": total, "last": at})
-        integrity.forget([run.root / rel for rel in record])
+    meta = run.meta().get("gc") or {}
+    everything = {**(meta.get("dropped") or {}), **now}
+    run.update_meta(gc={"dropped": everything, "bytes": sum(e["bytes"] for e in everything.values()), "last": at})
+    integrity.forget(todo)
     for p in todo:
         p.unlink(missing_ok=True)
     return now
