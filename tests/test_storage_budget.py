@@ -234,3 +234,21 @@ def test_default_demo_fits_the_storage_budget(tmp_path):
     assert total <= 300 * 2**20, total
     assert json.loads((out / "grads" / "projection.json").read_text())["dtype"] == "float16"
     assert not list(out.glob("embeddings/*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "extra", "key"),
+    [("bench_memory", [], "peak_ratio_4T_over_T"), ("bench_store_dtype", ["--regimes", "sgd-3ep"], "results")],
+)
+def test_benchmark_quick_mode_writes_json(tmp_path, name, extra, key):
+    """The two benchmarks of docs/SCALE.md still run (smoke mode, ~1-2 min each)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / f"{name}.json"
+    cmd = [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out), *extra]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(out.read_text())[key]
