@@ -123,10 +123,10 @@ def describe_train(run: RunDir) -> str:
 def describe_segment(run: RunDir, segment: int) -> str:
     b = run.boundaries
     k = len(b) - 1
-    return (
-        f"embed: segment {segment + 1}/{k} (steps {b[segment]}-{b[segment + 1]}) -> "
-        f"{run.embeddings(segment)}, {run.propagator(segment)}"
-    )
+    where = f"embed: segment {segment + 1}/{k} (steps {b[segment]}-{b[segment + 1]})"
+    if not run.embeddings(segment).exists():
+        return f"{where}: nothing written (embed.write: the scoring mode needs no embeddings)"
+    return f"{where} -> {run.embeddings(segment)}, {run.propagator(segment)}"
 
 
 def describe_score(run: RunDir) -> str:
