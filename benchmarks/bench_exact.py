@@ -57,6 +57,11 @@ except ImportError:  # pragma: no cover
     RESULTS = machine_info = replace_doc_block = write_json_atomic = None
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC_HEADING = (
+    "## Exact replay scorer and Adam-aware modes, per phase\n\n"
+    "`python -m benchmarks.bench_exact` (fp64 digits MLP runs through dvemb's own training, replay and scoring "
+    "code; TSLOO of first- and last-epoch occurrences; Spearman / Pearson / least-squares scale):\n\n"
+)
 BASE = [
     "data.subset=1000",
     "data.eval_subset=300",
@@ -161,7 +166,42 @@ def run_regime(name: str, projection: str, points: int, workdir: Path, quick: bo
     }
 
 
-def table(results: list[dict]) -> str:
+COST = {  # the default demo's model (MNIST MLP 784-128-64-10) on a subset, one epoch, as trained (float32)
+    "mnist_mlp sgd": ("mnist_mlp.yaml", ["data.subset=4000", "data.eval_subset=500", "train.epochs=1"]),
+    "mnist_mlp adamw": (
+        "mnist_mlp.yaml",
+        ["data.subset=4000", "data.eval_subset=500", "train.epochs=1", "train.optimizer=adamw", "train.lr=0.001"],
+    ),
+}
+
+
+def cost_row(name: str, workdir: Path, quick: bool) -> dict:
+    """Wall time of the exact sweep vs one forward replay and vs Lightning training (with capture)."""
+    file, sets = COST[name]
+    if quick:
+        sets = [*sets, "data.subset=512"]
+    cfg = load_config(ROOT / "configs" / file, sets)
+    run = RunDir(workdir / name.replace(" ", "-"))
+    t0 = time.perf_counter()
+    train(cfg, run, force=True, progress=False)
+    t_train = time.perf_counter() - t0
+    traj = load_trajectory(run)
+    t0 = time.perf_counter()
+    replay_range(traj, traj.checkpoints[0], traj.opt_states[0], 0, traj.num_steps)
+    t_forward = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exact_scores(traj)
+    t_exact = time.perf_counter() - t0
+    return {
+        "regime": name,
+        "steps": traj.num_steps,
+        "seconds": {"train_lightning": t_train, "replay_forward": t_forward, "exact_sweep": t_exact},
+        "exact_over_forward_replay": t_exact / t_forward,
+        "exact_over_lightning_training": t_exact / t_train,
+    }
+
+
+def table(results: list[dict], costs: list[dict] = ()) -> str:
     lines = [
         "| regime | projection | estimator | first epoch: Spearman / Pearson / scale "
         "| last epoch: Spearman / Pearson / scale |",
@@ -180,12 +220,11 @@ def table(results: list[dict]) -> str:
         "| regime | steps | exact sweep / forward replay | exact sweep / Lightning training |",
         "|---|---|---|---|",
     ]
-    for r in results:
-        if r["projection"] == "full":
-            lines.append(
-                f"| {r['regime']} | {r['steps']} | {r['exact_over_forward_replay']:.2f}x | "
-                f"{r['exact_over_lightning_training']:.2f}x |"
-            )
+    for r in [*(r for r in results if r["projection"] == "full"), *costs]:
+        lines.append(
+            f"| {r['regime']} | {r['steps']} | {r['exact_over_forward_replay']:.2f}x | "
+            f"{r['exact_over_lightning_training']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -196,11 +235,15 @@ def main() -> None:
     ap.add_argument("--regimes", nargs="*", default=list(REGIMES))
     ap.add_argument("--projections", nargs="*", default=list(PROJECTIONS))
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
+    ap.add_argument("--no-cost", dest="cost", action="store_false", help="skip the cost rows on the MNIST demo model")
     args = ap.parse_args()
     torch.set_default_dtype(torch.float64)
     points = 8 if args.quick else args.points
-    results = []
+    results, costs = [], []
     with tempfile.TemporaryDirectory(prefix="bench-exact-") as tmp:
+        for name in COST if args.cost else ():
+            costs.append(cost_row(name, Path(tmp), args.quick))
+            print(table([], costs[-1:]), flush=True)
         for name in args.regimes:
             truth = None
             for projection in args.projections:
@@ -208,12 +251,18 @@ def main() -> None:
                 truth = r.pop("truth")
                 results.append(r)
                 print(table([r]), flush=True)
-    payload = {"machine": machine_info("cpu"), "quick": args.quick, "points": points, "results": results}
+    payload = {
+        "machine": machine_info("cpu"),
+        "quick": args.quick,
+        "points": points,
+        "results": results,
+        "cost": costs,
+    }
     out = args.out or RESULTS / f"bench_exact{'_quick' if args.quick else ''}_cpu.json"
     write_json_atomic(out, payload)
     if not args.quick:
-        replace_doc_block(ROOT / "docs" / "RESULTS.md", "bench_exact", table(results))
-    print(table(results))
+        replace_doc_block(ROOT / "docs" / "RESULTS.md", "bench_exact", table(results, costs), missing=DOC_HEADING)
+    print(table(results, costs))
 
 
 if __name__ == "__main__":
