@@ -51,6 +51,7 @@ from dvemb.curate.values import phases_for, smooth_curve, step_curve
 from dvemb.embed.run import load_embeddings
 from dvemb.eval.groundtruth import all_epoch_loo, choose_samples, load_trajectory, verify_replay
 from dvemb.pipeline import run_local
+from dvemb.replay.optim import ReplayError
 from dvemb.score.adam import adam_aware, adam_occurrence_scores
 from dvemb.score.run import val_vectors
 from dvemb.score.scores import occurrence_table, segment_scores
@@ -288,7 +289,11 @@ def detection_by_column(run, corrupted: np.ndarray) -> dict[str, float]:
 def detection_over_seeds(cfg: RunConfig, kind: str, n_seeds: int, n_loo: int) -> dict | None:
     """Detection by all detectors over ``n_seeds`` source runs with ``kind`` label noise; seed s sets the
     data subset, the flipped rows and the model init. The exact-LOO ceiling (``n_loo`` samples) of the
-    seed-0 pair-flip run. None when ``n_seeds`` is 0."""
+    seed-0 pair-flip run. None when ``n_seeds`` is 0.
+
+    A run that exact mode cannot score (ReplayError: its replay misses a recorded boundary) is kept as
+    ``{"seed", "error"}`` and left out of the summary (every detector is summarised over the same runs).
+    """
     if n_seeds <= 0:
         return None
     per_seed = []
@@ -301,7 +306,12 @@ def detection_over_seeds(cfg: RunConfig, kind: str, n_seeds: int, n_loo: int) ->
             }
         )
         with source_run_path(None, f"bench_curation_{kind}{seed}_") as path:
-            run = run_local(c, path, force=True, progress=False)
+            try:
+                run = run_local(c, path, force=True, progress=False)
+            except ReplayError as e:
+                per_seed.append({"seed": seed, "error": str(e)})
+                print(f"  {kind} seed {seed}: no scores ({e})")
+                continue
             corrupted = pl.read_parquet(run.corrupted)["sample_id"].to_numpy()
             emb_occ = embedding_occurrences(run, c) if c.score.mode != "embedding" else None
             detectors = all_detectors(run, c, emb_occ)
@@ -311,10 +321,11 @@ def detection_over_seeds(cfg: RunConfig, kind: str, n_seeds: int, n_loo: int) ->
                 row["loo_ceiling"] = exact_loo_detection(run, detectors, corrupted, n_loo)
         per_seed.append(row)
         print(f"  {kind} seed {seed}: " + ", ".join(f"{n} {m['auroc']:.4f}" for n, m in row["detection"].items()))
+    done = [r for r in per_seed if "detection" in r]
     summary = {}
-    for name in per_seed[0]["detection"]:
+    for name in done[0]["detection"] if done else []:
         for metric in ("auroc", "precision_at_k"):
-            x = np.array([r["detection"][name][metric] for r in per_seed])
+            x = np.array([r["detection"][name][metric] for r in done])
             summary.setdefault(name, {}).update(
                 {
                     f"{metric}_mean": float(x.mean()),
@@ -457,10 +468,12 @@ def noise_kind_markdown(by_noise: dict, mode: str) -> list[str]:
     kinds = {k: v for k, v in by_noise.items() if v}
     if not kinds:
         return []
-    n = {len(v["per_seed"]) for v in kinds.values()}
+    done = {k: [r for r in v["per_seed"] if "detection" in r] for k, v in kinds.items()}
+    n = {len(r) for r in done.values()}
+    n = "/".join(map(str, n)) if len(n) == 1 else " / ".join(f"{len(r)} ({k})" for k, r in done.items())
     lines = [
         "",
-        f"Detection by noise kind, mean ± sd over {'/'.join(map(str, sorted(n)))} source runs (seed = data "
+        f"Detection by noise kind, mean ± sd over {n} source runs (seed = data "
         f"subset, flipped rows and model init; source runs scored in {mode} mode):",
         "",
         "| noise | detector | AUROC | precision at k | AUROC per seed |",
@@ -468,20 +481,25 @@ def noise_kind_markdown(by_noise: dict, mode: str) -> list[str]:
     ]
     for kind, v in kinds.items():
         for name, m in v["summary"].items():
-            seeds = ", ".join(f"{r['detection'][name]['auroc']:.3f}" for r in v["per_seed"])
+            seeds = ", ".join(
+                f"{r['detection'][name]['auroc']:.3f}" if "detection" in r else "—" for r in v["per_seed"]
+            )
             lines.append(
                 f"| {kind} | {detector_name(name, mode)} | {m['auroc_mean']:.4f} ± {m['auroc_sd']:.4f} | "
                 f"{m['precision_at_k_mean']:.4f} ± {m['precision_at_k_sd']:.4f} | {seeds} |"
             )
-    if all("phases" in r for v in kinds.values() for r in v["per_seed"]):
+    failed = [(k, r) for k, v in kinds.items() for r in v["per_seed"] if "error" in r]
+    if failed:
+        lines += [""] + [f"{k} seed {r['seed']}: not scored, left out of the means — {r['error']}" for k, r in failed]
+    if all("phases" in r for rows in done.values() for r in rows) and any(done.values()):
         lines += ["", "Phases detected on each of these source runs:", ""]
-        modes = list(next(iter(kinds.values()))["per_seed"][0]["phases"])
+        modes = list(next(r for rows in done.values() for r in rows)["phases"])
         head = "| noise | seed | " + " | ".join(f"{m} mode" for m in modes) + " |"
         lines += [head, "|---|---:|" + "---|" * len(modes)]
         lines += [
             f"| {kind} | {r['seed']} | " + " | ".join(phase_text(r["phases"][m]) for m in modes) + " |"
-            for kind, v in kinds.items()
-            for r in v["per_seed"]
+            for kind, rows in done.items()
+            for r in rows
         ]
     ceil = (kinds.get("pairflip") or {"per_seed": [{}]})["per_seed"][0].get("loo_ceiling")
     if ceil:
