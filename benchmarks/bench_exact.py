@@ -123,16 +123,8 @@ def run_regime(name: str, projection: str, points: int, workdir: Path, quick: bo
         sets += ["train.epochs=2", "data.subset=256", "data.eval_subset=64"]
     cfg = load_config(ROOT / "configs" / "digits_mlp.yaml", sets)
     run = RunDir(workdir / f"{name}-{projection}")
-    t0 = time.perf_counter()
-    train(cfg, run, force=True, progress=False)
-    t_train = time.perf_counter() - t0
-    traj = load_trajectory(run)
-    t0 = time.perf_counter()
-    replay_range(traj, traj.checkpoints[0], traj.opt_states[0], 0, traj.num_steps)
-    t_forward = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    exact = exact_scores(traj)[traj.boundaries[-1]]
-    t_exact = time.perf_counter() - t0
+    traj, scores, timing = timed_run(cfg, run)
+    exact = scores[traj.boundaries[-1]]
     estimates = {"exact": exact} if projection == "full" else {}
     estimates["sgd-proxy-empirical"] = sgd_proxy(run, cfg, "empirical", "layer")
     estimates["sgd-proxy-fisher-model"] = sgd_proxy(run, cfg, "fisher", "model")
@@ -158,9 +150,7 @@ def run_regime(name: str, projection: str, points: int, workdir: Path, quick: bo
         "projection": projection,
         "overrides": sets,
         "steps": traj.num_steps,
-        "seconds": {"train_lightning": t_train, "replay_forward": t_forward, "exact_sweep": t_exact},
-        "exact_over_forward_replay": t_exact / t_forward,
-        "exact_over_lightning_training": t_exact / t_train,
+        **timing,
         "phases": phases,
         "truth": truth,
     }
@@ -181,7 +171,12 @@ def cost_row(name: str, workdir: Path, quick: bool) -> dict:
     if quick:
         sets = [*sets, "data.subset=512"]
     cfg = load_config(ROOT / "configs" / file, sets)
-    run = RunDir(workdir / name.replace(" ", "-"))
+    traj, _, timing = timed_run(cfg, RunDir(workdir / name.replace(" ", "-")))
+    return {"regime": name, "steps": traj.num_steps, **timing}
+
+
+def timed_run(cfg, run: RunDir):
+    """Train ``cfg`` into ``run``, replay it forward once and sweep it exactly: (trajectory, exact scores, timings)."""
     t0 = time.perf_counter()
     train(cfg, run, force=True, progress=False)
     t_train = time.perf_counter() - t0
@@ -190,15 +185,14 @@ def cost_row(name: str, workdir: Path, quick: bool) -> dict:
     replay_range(traj, traj.checkpoints[0], traj.opt_states[0], 0, traj.num_steps)
     t_forward = time.perf_counter() - t0
     t0 = time.perf_counter()
-    exact_scores(traj)
+    scores = exact_scores(traj)
     t_exact = time.perf_counter() - t0
-    return {
-        "regime": name,
-        "steps": traj.num_steps,
+    timing = {
         "seconds": {"train_lightning": t_train, "replay_forward": t_forward, "exact_sweep": t_exact},
         "exact_over_forward_replay": t_exact / t_forward,
         "exact_over_lightning_training": t_exact / t_train,
     }
+    return traj, scores, timing
 
 
 def table(results: list[dict], costs: list[dict] = ()) -> str:
