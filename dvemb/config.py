@@ -90,6 +90,27 @@ class TrainConfig(Section):
     )
     precision: Literal["64-true", "32-true", "16-mixed", "bf16-mixed"] = "32-true"
     reduction: Literal["mean", "sum"] = "mean"
+    devices: int = Field(
+        1,
+        ge=1,
+        description="training processes (GPUs, or CPU processes with accelerator=cpu); > 1 needs strategy=ddp; "
+        "data.batch_size is per process: a step's global batch is data.batch_size x devices",
+    )
+    strategy: Literal["auto", "ddp"] = Field(
+        "auto", description="ddp: Lightning DDP over `devices` processes (gloo on CPU, NCCL on GPUs)"
+    )
+    accelerator: Literal["auto", "cpu", "gpu"] = Field("auto", description="Lightning accelerator of the training")
+
+    @model_validator(mode="after")
+    def _ranks(self) -> TrainConfig:
+        if self.devices > 1 and self.strategy != "ddp":
+            raise ValueError(f"train.devices={self.devices} needs train.strategy=ddp")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Training processes (ranks): ``devices`` under DDP, else 1."""
+        return self.devices if self.strategy == "ddp" else 1
 
 
 class CaptureConfig(Section):

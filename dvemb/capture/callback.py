@@ -13,21 +13,34 @@ the clip factor per step in steps.parquet, and its state beside every boundary c
 With ``curvature`` fisher / fisher_mc it also writes the curvature vectors of every step, formed at
 the pre-update parameters, to ``grads/curv-seg-XXXX-rank-0.arrow`` (see :mod:`dvemb.embed.curvature`).
 The learning rate recorded is the one in the optimizer when it steps (schedules included).
+
+Several ranks (Lightning DDP, ``train.devices`` > 1): every rank writes its own shard of each segment,
+``grads/seg-XXXX-rank-R.arrow`` (and ``curv-seg-XXXX-rank-R.arrow``), with the rows of its local batches;
+DDP averages the ranks' gradients, so each occurrence's weight is relative to the global batch
+(``1/(B_local * W)`` under mean reduction) and the stored contribution is the rank's divided by W. At the
+end of every segment the ranks' per-step rows (sample ids, weights, loss) are gathered to rank 0
+(``all_gather_object``, in memory), which alone writes run.json, the checkpoints and the trajectory:
+``batches.parquet`` holds the global batch of every step (the ranks' local batches concatenated in rank
+order, column ``rank``) and ``steps.parquet`` the mean of the ranks' losses and the global batch size.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 from contextlib import suppress
 
 import lightning as L
 import numpy as np
 import polars as pl
 import torch
+import torch.distributed as dist
+from torch.multiprocessing.spawn import ProcessException
 
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
 from dvemb.checks import record_segments_used
 from dvemb.embed.curvature import check_curvature, concat_records, curvature_path, fisher_vectors
+from dvemb.errors import CaptureError
 from dvemb.replay.optim import OptimizerSpec, torch_state
 from dvemb.store import integrity
 from dvemb.store.atomic import atomic_path
@@ -48,6 +61,33 @@ def segment_boundaries(total_steps: int, segments: int) -> list[int]:
     """0 = b_0 < … < b_K = T, as even as possible (K <= T)."""
     k = max(1, min(segments, total_steps))
     return sorted({round(i * total_steps / k) for i in range(k + 1)})
+
+
+def rank_failure(exception: BaseException, procs: list, world: int) -> str | None:
+    """What a failed multi-rank training says about its ranks (None: not a rank's failure).
+
+    exception: what the launcher raised in the main process; procs: its rank processes (rank order).
+    The rank named first is one killed by a signal other than the SIGTERM the launcher stops the others
+    with, else the one whose failure the launcher saw first."""
+    if not isinstance(exception, ProcessException):
+        return None
+
+    def how(code: int | None) -> str:
+        if code is None or code >= 0:
+            return f"exit code {code}"
+        with suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+
+    codes = [getattr(p, "exitcode", None) for p in procs]
+    killed = [r for r, c in enumerate(codes) if c is not None and c < 0 and c != -signal.SIGTERM]
+    first = killed[0] if killed else exception.error_index
+    what = how(codes[first]) if first < len(codes) else ""
+    raised = [ln.strip() for ln in str(exception).splitlines() if ln.strip()]
+    if not killed and raised and not raised[-1].startswith("process "):
+        what = raised[-1]  # the last line of the rank's traceback: its error
+    others = ", ".join(f"rank {r} {how(c)}" for r, c in enumerate(codes) if r != first and c not in (None, 0))
+    return f"rank {first} of {world} died ({what}); training stopped" + (f" ({others})" if others else "")
 
 
 def write_parquet(df: pl.DataFrame, path) -> None:
@@ -107,13 +147,16 @@ class GradientLogger(L.Callback):
         self._names: dict[int, str] = {}  # id(parameter) -> name in the model's state_dict
         self._scale = 1.0
         self._saved_at = resume_step  # boundary whose checkpoint is written (once: end of a step or start)
+        self.rank, self.world = 0, 1  # this process's DDP rank, of world ranks (set when fitting starts)
 
     # --- set-up ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rank, self.world = int(trainer.global_rank), int(trainer.world_size)
         total = int(trainer.estimated_stepping_batches)
         self.boundaries = segment_boundaries(total, self.segments)
         self.capture = GradientCapture(pl_module.model, self.projection, self.layers)
-        write_projection(self.run.projection, self.capture.specs, self.projection, self.capture.skipped)
+        if self.rank == 0:
+            write_projection(self.run.projection, self.capture.specs, self.projection, self.capture.skipped)
         embed_cfg = (self.run.meta().get("config") or {}).get("embed", {}) if self.run.run_json.exists() else {}
         if self.curvature is None:
             self.curvature = embed_cfg.get("curvature", "empirical")
@@ -123,11 +166,21 @@ class GradientLogger(L.Callback):
         self._names = {id(p): n for n, p in pl_module.model.named_parameters()}
         clip = getattr(getattr(pl_module, "cfg", None), "grad_clip", None)
         spec = OptimizerSpec.from_torch(trainer.optimizers[0], self._names, grad_clip=clip)
-        self.run.update_meta(boundaries=self.boundaries, total_steps=total, status="training", optimizer=spec.to_json())
-        record_segments_used(self.run, self.segments)
+        if self.rank == 0:
+            self.run.update_meta(
+                boundaries=self.boundaries,
+                total_steps=total,
+                status="training",
+                optimizer=spec.to_json(),
+                world_size=self.world,
+            )
+            record_segments_used(self.run, self.segments)
 
     def _save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        """Model state_dict and optimizer state at boundary ``step`` (both safetensors, atomic)."""
+        """Model state_dict and optimizer state at boundary ``step`` (both safetensors, atomic; rank 0 only:
+        DDP keeps the ranks' parameters equal)."""
+        if self.rank != 0:
+            return
         save_tensors(self.run.checkpoint(step), pl_module.model.state_dict())
         state = torch_state(trainer.optimizers[0], self._names)
         save_tensors(self.run.optimizer_state(step), {k: v.to(torch.float64) for k, v in state.items()})
@@ -147,16 +200,19 @@ class GradientLogger(L.Callback):
                 self._saved_at = step
             j = self._segment_of(step)
             dims = {n: s.dim for n, s in self.capture.specs.items()}
-            self._writer = SegmentWriter(self.run.grads(j), dims, dtype=self.projection.dtype)
+            shard = {"dtype": self.projection.dtype, "rank": self.rank, "world_size": self.world}
+            self._writer = SegmentWriter(self.run.grads(j, self.rank), dims, **shard)
             if self.curvature != "empirical":
-                path = curvature_path(self.run, j)
-                self._curv_writer = SegmentWriter(path, dims, dtype=self.projection.dtype, kind="curvature")
+                path = curvature_path(self.run, j, self.rank)
+                self._curv_writer = SegmentWriter(path, dims, kind="curvature", **shard)
         scaler = self._scaler(trainer)
         self._scale = float(scaler.get_scale()) if scaler is not None else 1.0
         task = getattr(pl_module, "task", None)
         ids = task.sample_ids(batch) if task is not None else batch["sample_id"]
-        w = loss_weight(self.reduction, len(ids), trainer.accumulate_grad_batches)
-        self._ctx = self.capture.micro_batch(ids, weight=w, loss_scale=self._scale)
+        # DDP averages the W ranks' gradients: an occurrence's share of the applied gradient is its share
+        # of this rank's loss / W, so both its weight and its captured contribution are divided by W
+        w = loss_weight(self.reduction, len(ids), trainer.accumulate_grad_batches) / self.world
+        self._ctx = self.capture.micro_batch(ids, weight=w, loss_scale=self._scale * self.world)
         self._ctx.__enter__()
         self._step_before = step
         if self.curvature != "empirical":
@@ -241,6 +297,7 @@ class GradientLogger(L.Callback):
                 {
                     "step": np.full(len(ids), step, dtype=np.int64),
                     "position": np.arange(len(ids), dtype=np.int64),
+                    "rank": np.full(len(ids), self.rank, dtype=np.int64),
                     "sample_id": ids.numpy().astype(np.int64),
                     "weight": weights.astype(np.float64),
                 }
@@ -257,12 +314,42 @@ class GradientLogger(L.Callback):
             self._saved_at = step + 1
 
     def _write_part(self, segment: int) -> None:
-        """The trajectory rows of ``segment`` (finished, or cut short at the end of training)."""
-        if not self._step_rows:
-            return
-        write_parquet(pl.DataFrame(self._step_rows), self.run.trajectory_part("steps", segment))
-        write_parquet(pl.concat(self._batch_rows), self.run.trajectory_part("batches", segment))
+        """The trajectory rows of ``segment`` (finished, or cut short at the end of training). Several
+        ranks: every rank calls it at the same point (its writers closed); their rows are gathered to rank
+        0, which writes the global rows (so the part exists only once every shard of the segment does)."""
+        steps, batches = self._step_rows, self._batch_rows
         self._step_rows, self._batch_rows = [], []
+        if self.world > 1:
+            steps, batches = self._global_rows(steps, batches)
+        if self.rank != 0 or not steps:
+            return
+        write_parquet(pl.DataFrame(steps), self.run.trajectory_part("steps", segment))
+        write_parquet(pl.concat(batches), self.run.trajectory_part("batches", segment))
+
+    def _global_rows(self, steps: list[dict], batches: list[pl.DataFrame]) -> tuple[list[dict], list[pl.DataFrame]]:
+        """The ranks' rows of the same steps gathered (a collective): each step's loss the mean of the ranks'
+        (the objective DDP's averaged gradient descends), its batch the ranks' batches in rank order."""
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, (steps, pl.concat(batches) if batches else None))
+        if self.rank != 0 or not steps:
+            return steps, batches
+        mine = [x["step"] for x in steps]
+        for r, (theirs, _) in enumerate(gathered):
+            got = [x["step"] for x in theirs]
+            if got != mine:
+                raise CaptureError(f"rank {r} recorded steps {got[:4]}…, rank 0 steps {mine[:4]}…: ranks out of step")
+        out = []
+        for i, row in enumerate(steps):
+            out.append(
+                {
+                    **row,
+                    "batch_size": sum(theirs[i]["batch_size"] for theirs, _ in gathered),
+                    "loss": float(np.mean([theirs[i]["loss"] for theirs, _ in gathered])),
+                }
+            )
+        rows = pl.concat([b for _, b in gathered]).sort("step", "rank", "position")
+        rows = rows.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).over("step").alias("position"))
+        return out, [rows]
 
     def _write_curvature(self, step: int, skipped: bool) -> None:
         rec, inputs = self._curv_rec, self._curv_inputs
@@ -285,6 +372,8 @@ class GradientLogger(L.Callback):
             self._curv_writer = None
         if self._step_rows:
             self._write_part(self._segment_of(self._step_rows[-1]["step"]))
+        if self.rank != 0:
+            return
         last = merge_trajectory(self.run)
         if last != self.boundaries[-1]:
             log.warning("training stopped at step %d of %d; later segments are missing", last, self.boundaries[-1])
@@ -300,6 +389,13 @@ class GradientLogger(L.Callback):
         if self._curv_writer is not None:
             self._curv_writer.abort()
             self._curv_writer = None
+        if trainer.global_rank != 0:
+            return  # run.json is rank 0's (and, when a rank dies, the launching process's)
+        procs = getattr(trainer.strategy.launcher, "procs", None) or []
+        failure = rank_failure(exception, procs, trainer.world_size)
+        if failure is not None:  # the launching process: a rank died; the steps it reached are rank 0's record
+            self.run.update_meta(status="failed", error=failure, remove_keys=("process",))
+            return
         step = trainer.global_step
         how = "cancelled" if cancelled(exception) else "failed"
         error = f"{type(exception).__name__}: {exception}".rstrip(": ")

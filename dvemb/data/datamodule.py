@@ -9,6 +9,9 @@ Batches are dicts:
 
 The training order of epoch ``e`` depends only on ``(seed, e)`` and is available in advance
 (``PlannedBatchSampler.plan`` / ``TableDataModule.planned_order``), so training can record it.
+With ``world_size`` W > 1 (DDP) the plan holds the *global* batches (``batch_size`` x W rows) and rank
+``r`` trains on the r-th slice of each (``PlannedBatchSampler.local``); Lightning's DistributedSampler
+must stay off (``use_distributed_sampler=False``), since it would deal and reshuffle the batches.
 """
 
 from __future__ import annotations
@@ -46,13 +49,30 @@ class PlannedBatchSampler(Sampler[list[int]]):
     ``set_epoch`` before each epoch; Lightning does not call it on a ``batch_sampler``).
     ``len`` is the number of batches per epoch. :meth:`resume_at` makes the iteration of one epoch
     start at a later batch of its plan (a resumed run); ``len`` stays the full epoch.
+
+    world_size W > 1 (DDP ranks): ``batch_size`` is per rank, the plan's batches are global (``batch_size * W``
+    rows, the same as a one-process plan of that batch size) and rank ``rank`` iterates the ``rank``-th of
+    W near-equal slices of each (``np.array_split``: a short last batch gives the first ranks one row more).
+    A last batch with fewer rows than ranks is dropped (every rank needs a sample).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        world_size: int = 1,
+        rank: int = 0,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
+        self.world_size, self.rank = world_size, rank
         self.epoch = 0
         self.start: tuple[int, int] | None = None  # (epoch, batch): where a resumed run continues
 
@@ -67,19 +87,29 @@ class PlannedBatchSampler(Sampler[list[int]]):
         """Select the epoch whose plan ``__iter__`` yields."""
         self.epoch = epoch
 
+    @property
+    def global_batch_size(self) -> int:
+        """Rows of a full batch of the plan: ``batch_size`` x ``world_size``."""
+        return self.batch_size * self.world_size
+
     def plan(self, epoch: int) -> list[np.ndarray]:
-        """Row indices (int64) of each batch of ``epoch``, in order."""
+        """Row indices (int64) of each (global) batch of ``epoch``, in order."""
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
-        stop = (self.n // self.batch_size) * self.batch_size if self.drop_last else self.n
-        return [order[i : i + self.batch_size].astype(np.int64) for i in range(0, stop, self.batch_size)]
+        g = self.global_batch_size
+        return [order[i * g : (i + 1) * g].astype(np.int64) for i in range(len(self))]
+
+    def local(self, batch: np.ndarray) -> np.ndarray:
+        """This rank's slice of a global batch of the plan (the whole batch for one process)."""
+        return batch if self.world_size == 1 else np.array_split(batch, self.world_size)[self.rank]
 
     def __iter__(self) -> Iterator[list[int]]:
         skip = self.start[1] if self.start is not None and self.start[0] == self.epoch else 0
         for batch in self.plan(self.epoch)[skip:]:
-            yield batch.tolist()
+            yield self.local(batch).tolist()
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        full, rest = divmod(self.n, self.global_batch_size)
+        return full + int(not self.drop_last and rest >= self.world_size)
 
 
 class TableDataset(Dataset):
@@ -167,7 +197,8 @@ class TableDataModule(L.LightningDataModule):
 
     Training batches follow ``PlannedBatchSampler(seed, shuffle, drop_last)``; val/test are
     in table order, never dropped. ``subset`` / ``eval_subset`` keep the first n rows of a
-    seeded shuffle of train / of val and test. ``dtype`` applies to feature ``x``.
+    seeded shuffle of train / of val and test. ``dtype`` applies to feature ``x``. ``world_size``: the DDP
+    ranks the training batches are planned for (``batch_size`` per rank; see :class:`PlannedBatchSampler`).
     """
 
     def __init__(
@@ -185,6 +216,7 @@ class TableDataModule(L.LightningDataModule):
         eval_subset: int | None = None,
         dtype: torch.dtype | str = torch.float32,
         num_workers: int = 0,
+        world_size: int = 1,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
@@ -197,7 +229,9 @@ class TableDataModule(L.LightningDataModule):
             if t is not None:
                 self.tables[name] = _subset(_read(t), eval_subset, seed)
         self.datasets = {k: TableDataset(t, self.dtype) for k, t in self.tables.items()}
-        self.train_sampler = PlannedBatchSampler(len(self.datasets["train"]), batch_size, seed, shuffle, drop_last)
+        self.train_sampler = PlannedBatchSampler(
+            len(self.datasets["train"]), batch_size, seed, shuffle, drop_last, world_size=world_size
+        )
 
     @property
     def kind(self) -> str:
@@ -247,7 +281,15 @@ class TableDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.train_sampler)
+        """The planned batches; under DDP this rank's slice of each (the rank is the trainer's)."""
+        trainer, sampler = self.trainer, self.train_sampler
+        if trainer is not None:
+            if trainer.world_size != sampler.world_size:
+                raise ValueError(
+                    f"the data were planned for {sampler.world_size} rank(s), the trainer has {trainer.world_size}"
+                )
+            sampler.rank = trainer.global_rank
+        return self._loader("train", sampler)
 
     def _eval_loader(self, split: str) -> DataLoader | list:
         """In-order loader of ``split``; ``[]`` (Lightning skips it) when no table was given."""

@@ -14,6 +14,12 @@ their vectors to float32 (a copy per step; ids and weights stay zero-copy).
 
 :class:`SegmentedRecords` reads the steps of consecutive segment files one segment at a time, so a
 pass over a run holds one segment in memory, not the run.
+
+A segment trained by W > 1 ranks (DDP) is W shards ``seg-XXXX-rank-R.arrow``, each with the rows of its
+rank's local batches; their schema metadata names ``rank`` and ``world_size``. :func:`read_segment` of
+any shard reads all W and merges them into the global per-step records (in each step, the ranks' rows
+in rank order: the order of ``trajectory/batches.parquet``), refusing a missing shard, shards that do not
+cover the same steps, and a sample that two ranks both claim in one step.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +58,7 @@ TORCH_DTYPES = {
 HALF_DTYPES = ("float16", "bfloat16")
 
 
-def segment_schema(layer_dims: dict[str, int], dtype: str, kind: str) -> pa.Schema:
+def segment_schema(layer_dims: dict[str, int], dtype: str, kind: str, rank: int = 0, world_size: int = 1) -> pa.Schema:
     fields = [
         pa.field("step", pa.int64()),
         pa.field("sample_id", pa.int64()),
@@ -66,6 +73,8 @@ def segment_schema(layer_dims: dict[str, int], dtype: str, kind: str) -> pa.Sche
     }
     if dtype == "bfloat16":
         meta["encoding"] = "bfloat16-bits"  # uint16 values are the bit patterns of bfloat16 numbers
+    if world_size > 1:  # one rank's shard of a DDP segment (a one-process file says nothing)
+        meta["rank"], meta["world_size"] = str(rank), str(world_size)
     return pa.schema(fields, metadata=meta)
 
 
@@ -113,7 +122,7 @@ class SegmentWriter:
     An error in the thread is raised (as :class:`StoreError`, naming the file and step) by the next
     :meth:`write` or by :meth:`close`, and the temp file is removed. The file's bytes are the same
     either way. opener: opens the temp file for writing (default ``pa.OSFile``), e.g. a throttled
-    file in a benchmark.
+    file in a benchmark. rank / world_size: the DDP rank whose shard this is (recorded when world_size > 1).
     """
 
     ASYNC_KINDS = ("grads", "curvature")
@@ -128,6 +137,8 @@ class SegmentWriter:
         asynchronous: bool | None = None,
         queue_steps: int = 16,
         opener: Callable[[Path], pa.NativeFile | BinaryIO] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if queue_steps < 1:
             raise ValueError(f"queue_steps must be >= 1, got {queue_steps}")
@@ -137,7 +148,7 @@ class SegmentWriter:
             raise StoreError(f"{Path(path).name}: store dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
         self.dtype = dtype
         self._torch_dtype = TORCH_DTYPES[dtype]
-        self.schema = segment_schema(self.layer_dims, dtype, kind)
+        self.schema = segment_schema(self.layer_dims, dtype, kind, rank, world_size)
         self.asynchronous = kind in self.ASYNC_KINDS if asynchronous is None else asynchronous
         self._tmp = temp_path_for(self.path)
         self._sink = None
@@ -319,6 +330,15 @@ def _view(arr: pa.Array, path: Path, name: str) -> torch.Tensor:
         return torch.from_numpy(arr.to_numpy(zero_copy_only=True))
 
 
+_SHARD = re.compile(r"-rank-(\d+)\.arrow$")
+
+
+def shard_path(path: str | os.PathLike, rank: int) -> Path:
+    """The shard of rank ``rank`` of the segment whose shard (of any rank) is ``path``."""
+    path = Path(path)
+    return path.with_name(_SHARD.sub(f"-rank-{rank}.arrow", path.name))
+
+
 def read_segment(
     path: str | os.PathLike, expected_steps: range | None = None, kind: str | None = None, vectors: bool = True
 ) -> list[StepGrads]:
@@ -326,11 +346,95 @@ def read_segment(
 
     Returns the steps in ascending order (``grads`` holds embeddings for an embeddings file; float32
     for a half-precision store). vectors=False: steps, sample ids and weights only (``grads`` empty;
-    the vector columns are neither touched nor converted).
+    the vector columns are neither touched nor converted). A shard of a segment written by several
+    ranks: every shard of the segment, merged into global steps (rows in rank order; copies, not views).
     Raises StoreError naming the file when it is missing, truncated, of another schema version,
-    or lacks some of ``expected_steps``.
+    or lacks some of ``expected_steps``; naming the shard when one is missing, covers other steps than
+    the others, or claims a sample another rank's shard has in the same step.
     """
     path = Path(path)
+    records, meta = _read_file(path, expected_steps, kind, vectors)
+    world = int(meta.get("world_size", 1))
+    if world == 1:
+        return records
+    return _merge_shards(path, int(meta["rank"]), world, records, expected_steps, kind, vectors)
+
+
+def _span(steps: list[int]) -> str:
+    return f"{steps[0]}..{steps[-1]}" if steps else "none"
+
+
+def _merge_shards(
+    path: Path,
+    rank: int,
+    world: int,
+    records: list[StepGrads],
+    expected_steps: range | None,
+    kind: str | None,
+    vectors: bool,
+) -> list[StepGrads]:
+    """The global steps of a segment from its ``world`` shards (``path``: rank ``rank``'s, read as ``records``)."""
+    named = _SHARD.search(path.name)
+    if named is None or int(named.group(1)) != rank:
+        raise StoreError(f"{path}: holds the shard of rank {rank} (of {world}); the file name says otherwise")
+    shards: list[tuple[Path, list[StepGrads]]] = []
+    for r in range(world):
+        p = shard_path(path, r)
+        if r == rank:
+            shards.append((p, records))
+            continue
+        if not p.exists():
+            raise StoreError(
+                f"{p}: missing — the shard of rank {r}; this segment was trained by {world} ranks and "
+                f"rank {r}'s gradients are not there (did rank {r} die?)"
+            )
+        recs, meta = _read_file(p, expected_steps, kind, vectors)
+        got = (int(meta.get("rank", 0)), int(meta.get("world_size", 1)))
+        if got != (r, world):
+            raise StoreError(f"{p}: holds the shard of rank {got[0]} of {got[1]}, expected rank {r} of {world}")
+        shards.append((p, recs))
+    first, steps0 = shards[0][0], [x.step for x in shards[0][1]]
+    for p, recs in shards[1:]:
+        steps = [x.step for x in recs]
+        if steps != steps0:
+            raise StoreError(
+                f"{p}: covers steps {_span(steps)} ({len(steps)}), {first.name} steps {_span(steps0)} "
+                f"({len(steps0)}); the shards of one segment must cover the same steps"
+            )
+    merged = []
+    for i, step in enumerate(steps0):
+        parts = [recs[i] for _, recs in shards]
+        _check_disjoint(step, [torch.unique(x.sample_ids) for x in parts], [p for p, _ in shards])
+        merged.append(
+            StepGrads(
+                step=step,
+                sample_ids=torch.cat([x.sample_ids for x in parts]),
+                weights=torch.cat([x.weights for x in parts]),
+                grads={n: torch.cat([x.grads[n] for x in parts]) for n in parts[0].grads},
+            )
+        )
+    return merged
+
+
+def _check_disjoint(step: int, ids: list[torch.Tensor], paths: list[Path]) -> None:
+    """StoreError naming both shards when two ranks' rows of ``step`` share a sample id (ids: unique per rank)."""
+    every = torch.cat(ids)
+    if len(torch.unique(every)) == len(every):
+        return
+    owner = torch.cat([torch.full((len(x),), r) for r, x in enumerate(ids)])
+    values, counts = torch.unique(every, return_counts=True)
+    z = int(values[counts > 1][0])
+    a, b = owner[every == z][:2].tolist()
+    raise StoreError(
+        f"{paths[b]}: step {step}: sample_id {z} is also in {paths[a].name} (rank {a}); the shards overlap — "
+        "each sample of a step belongs to one rank's batch"
+    )
+
+
+def _read_file(
+    path: Path, expected_steps: range | None, kind: str | None, vectors: bool
+) -> tuple[list[StepGrads], dict[str, str]]:
+    """One store file's steps (zero-copy) and its schema metadata."""
     if not path.exists():
         raise StoreError(f"{path}: no such store file")
     try:
@@ -377,7 +481,7 @@ def read_segment(
                 f"{path}: segment should cover steps {expected_steps.start}..{expected_steps.stop - 1}; "
                 f"missing steps {missing[:10]}{more}" + (f", unexpected steps {extra[:10]}" if extra else "")
             )
-    return records
+    return records, meta
 
 
 class SegmentedRecords(Sequence[StepGrads]):

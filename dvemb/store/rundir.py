@@ -73,6 +73,10 @@ class RunDir:
     def grads(self, segment: int, rank: int = 0) -> Path:
         return self.root / "grads" / f"seg-{segment:04d}-rank-{rank}.arrow"
 
+    def grad_shards(self, segment: int) -> list[Path]:
+        """Every rank's gradient shard of ``segment`` (one file for a one-process run)."""
+        return [self.grads(segment, r) for r in range(self.world_size)]
+
     def embeddings(self, segment: int, rank: int = 0) -> Path:
         return self.root / "embeddings" / f"seg-{segment:04d}-rank-{rank}.arrow"
 
@@ -144,6 +148,11 @@ class RunDir:
         write_json(self.run_json, meta)
 
     @property
+    def world_size(self) -> int:
+        """Training processes (DDP ranks) that wrote the run, as recorded in run.json (1 when not recorded)."""
+        return int(self.meta().get("world_size", 1)) if self.run_json.exists() else 1
+
+    @property
     def boundaries(self) -> list[int]:
         """Segment boundaries 0 = b_0 < … < b_K = T, recorded at training time."""
         meta = self.meta()
@@ -169,7 +178,7 @@ class RunDir:
                 self.batches,
                 self.projection,
                 *[self.checkpoint(s) for s in b],
-                *[self.grads(j) for j in range(len(b) - 1)],
+                *[p for j in range(len(b) - 1) for p in self.grad_shards(j)],
             ]
             return [p for p in files if p.relative_to(self.root).as_posix() not in gone]
         if stage == "embed":

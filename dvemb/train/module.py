@@ -4,6 +4,7 @@ param groups, warmup + cosine schedule, global-norm clipping."""
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import math
 
@@ -63,6 +64,14 @@ class Trainee(L.LightningModule):
         self.task = task if task is not None else Task()
         self.clip_factor = 1.0  # of the last optimizer step: the update was lr * clip_factor * gradient
 
+    def setup(self, stage: str) -> None:
+        """Each rank gets its own parameters: tensors that reached a rank through a fork server's pipe live
+        in shared memory, one storage for all CPU ranks, which would each apply their update to it."""
+        with torch.no_grad():
+            for t in itertools.chain(self.parameters(), self.buffers()):
+                if t.is_shared():
+                    t.data = t.data.clone()
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip the global gradient norm to ``cfg.grad_clip`` (as torch's clip_grad_norm_) and keep the factor.
 
@@ -84,7 +93,8 @@ class Trainee(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self._loss(batch), prog_bar=True, batch_size=len(self.task.sample_ids(batch)))
+        n = len(self.task.sample_ids(batch))
+        self.log("val_loss", self._loss(batch), prog_bar=True, batch_size=n, sync_dist=self.trainer.world_size > 1)
 
     def configure_optimizers(self):
         c = self.cfg

@@ -206,11 +206,11 @@ def check_same_config(run: RunDir, cfg: RunConfig) -> None:
 
 
 def _segment_files(run: RunDir, j: int, curvature: bool) -> list[Path]:
-    files = [run.grads(j), run.trajectory_part("steps", j), run.trajectory_part("batches", j)]
+    files = [*run.grad_shards(j), run.trajectory_part("steps", j), run.trajectory_part("batches", j)]
     if curvature:
         from dvemb.embed.curvature import curvature_path
 
-        files.append(curvature_path(run, j))
+        files += [curvature_path(run, j, r) for r in range(run.world_size)]
     return files
 
 

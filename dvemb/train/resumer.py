@@ -121,7 +121,7 @@ class Resumer(L.Callback):
         if step == self._seen_step:
             return  # a later micro-batch of the same optimizer step
         self._seen_step = step
-        if step in self.logger.boundaries[1:-1]:
+        if step in self.logger.boundaries[1:-1] and trainer.world_size == 1:  # multi-rank runs restart instead
             save_state(self.run, capture(trainer, self._names))
 
     def _continue_epoch(self, trainer: L.Trainer) -> None:

@@ -4,11 +4,17 @@ Everything that can be refused is checked before the run directory is touched: t
 and builds its model, the tables pass validation (labels / token ids inside ``n_classes``), and a dry
 forward pass on the first training batch gives a finite per-sample loss [B] with unique sample ids.
 ``resume=True`` continues an interrupted run from its last boundary checkpoint (dvemb.train.resume).
+
+``train.devices: N`` with ``train.strategy: ddp`` trains on N processes with Lightning's DDP, started
+from a fork server (each rank imports dvemb once per session; nothing re-runs the caller's script).
+``data.batch_size`` is per rank, so a step's global batch has ``data.batch_size * N`` samples, the same
+as a one-process run with that batch size (docs/SCALE.md). Resuming a multi-rank run starts it over.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import platform
 import signal
 from dataclasses import dataclass, replace
@@ -17,7 +23,9 @@ import lightning as L
 import numpy as np
 import pyarrow as pa
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
+from torch.multiprocessing.spawn import ProcessException
 
 import dvemb
 from dvemb.capture.callback import GradientLogger
@@ -33,6 +41,7 @@ from dvemb.data.tables import (
     token_lengths,
     validate_table,
 )
+from dvemb.errors import DvembError
 from dvemb.store.atomic import write_parquet_atomic
 from dvemb.store.rundir import RunDir, load_tensors
 from dvemb.task import DataInfo, Task, TaskError, check_batch, load_task
@@ -42,6 +51,10 @@ from dvemb.train.resumer import Resumer
 from dvemb.types import ProjectionConfig
 
 log = logging.getLogger(__name__)
+
+
+class RankFailedError(DvembError):
+    """A rank of a multi-rank training died or failed; the message names it (run.json: status failed)."""
 
 
 @dataclass
@@ -135,7 +148,18 @@ def make_datamodule(cfg: RunConfig, run: RunDir) -> TableDataModule:
         batch_size=cfg.data.batch_size,
         seed=cfg.data.seed,
         dtype=dtype,
+        world_size=cfg.train.world_size,
     )
+
+
+def strategy(cfg: RunConfig) -> str | DDPStrategy:
+    """Lightning's strategy: DDP for several ranks, started from a fork server (fast: dvemb is imported
+    there once; never ``fork`` itself, unsafe once polars or CUDA run; never the subprocess launcher, which
+    re-runs the calling script — a CLI or a Prefect flow)."""
+    if cfg.train.world_size == 1:
+        return "auto"
+    multiprocessing.set_forkserver_preload(["dvemb.train.run"])
+    return DDPStrategy(start_method="forkserver")
 
 
 def build_model(cfg: RunConfig, task: Task, info: DataInfo) -> nn.Module:
@@ -216,7 +240,7 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
     a finished training is kept as it is; a run that never reached a boundary after step 0 (or no run
     at all) is started (over)."""
     task = load_task(cfg)
-    point = plan_resume(run, cfg) if resume else None
+    point = plan_resume(run, cfg) if resume else None  # a multi-rank run keeps no resume state: None unless done
     if point is not None and point.done:
         log.info("%s: training is complete; kept", run.root)
         check_loss_trajectory(run)
@@ -240,8 +264,10 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
     )
     trainer = L.Trainer(
         max_epochs=cfg.train.epochs,
-        accelerator="auto",
-        devices=1,
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.world_size,
+        strategy=strategy(cfg),
+        use_distributed_sampler=False,  # the planned sampler gives each rank its slice of the global batch
         precision=cfg.train.precision,
         accumulate_grad_batches=cfg.train.accumulate,
         callbacks=[Resumer(run, logger, point.state if point is not None else None), logger],
@@ -259,5 +285,7 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
     except SystemExit:  # Lightning ends a Ctrl-C with exit(1) (SIGINT ignored), after run.json said 'cancelled'
         signal.signal(signal.SIGINT, sigint)
         raise KeyboardInterrupt from None
+    except ProcessException as e:  # a rank died: GradientLogger.on_exception has said which in run.json
+        raise RankFailedError(f"{run.root}: {run.meta().get('error') or e}") from None
     check_loss_trajectory(run)
     return run
