@@ -58,3 +58,7 @@ class TableValidationError(DataError):
 
 class TableMismatchError(DataError):
     """The run's tables disagree: empty split, another feature width or block size, labels out of range."""
+
+
+class ReplayError(DvembError):
+    """A run cannot be replayed exactly, or a replay does not reproduce what was recorded."""

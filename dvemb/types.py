@@ -4,14 +4,19 @@
 * :class:`ProjectionConfig` — how per-sample gradients are compressed (sizes, seed, dtype, kind).
 * :class:`StepGrads` — the per-sample gradient contributions of one optimizer step.
 * :class:`Schedule` — per-step learning rate and weight decay as applied (optionally per param group).
+* :class:`LayerProjection` — how one layer's gradient is stored (dims, projection sizes, seed, kind).
+* :class:`OptimizerSpec`, :class:`StepHyper` — the optimizer as trained (recorded by capture, replayed by
+  dvemb.replay).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
+
+from dvemb.errors import ReplayError
 
 
 @dataclass(frozen=True)
@@ -105,3 +110,188 @@ class Schedule:
             return self.at(step)
         both = {n: self.layer_at(step, n) for n in layers}
         return {n: v[0] for n, v in both.items()}, {n: v[1] for n, v in both.items()}
+
+
+# --- projections ---------------------------------------------------------------------------
+KINDS = ("kronecker", "elementwise", "subsample")
+
+
+@dataclass(frozen=True)
+class LayerProjection:
+    """How one layer's [d_out, d_in] gradient is compressed.
+
+    d_in counts the bias column when ``bias``; ``layer`` is the layer kind (dvemb.capture.layers);
+    ``params`` names the model parameters whose gradient this is (as in ``model.named_parameters()``).
+    """
+
+    d_in: int
+    d_out: int
+    k_a: int
+    k_s: int
+    seed: int
+    kind: str = "kronecker"
+    layer: str = "linear"
+    bias: bool = True
+    params: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"projection kind {self.kind!r}: choose one of {', '.join(KINDS)}")
+
+    @property
+    def identity_a(self) -> bool:
+        return self.kind != "elementwise" and self.k_a >= self.d_in
+
+    @property
+    def identity_s(self) -> bool:
+        return self.kind != "elementwise" and self.k_s >= self.d_out
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the stored per-sample gradient matrix (elementwise: one row of k_a * k_s)."""
+        if self.kind == "elementwise":
+            return (1, self.k_a * self.k_s)
+        return (
+            self.d_out if self.identity_s else self.k_s,
+            self.d_in if self.identity_a else self.k_a,
+        )
+
+    @property
+    def dim(self) -> int:
+        """Length of the flattened per-sample gradient."""
+        return self.shape[0] * self.shape[1]
+
+    def to_json(self) -> dict:
+        return asdict(self) | {
+            "params": list(self.params),
+            "identity_a": self.identity_a,
+            "identity_s": self.identity_s,
+            "dim": self.dim,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> LayerProjection:
+        # files written before the elementwise kind / the layer registry: kronecker, a Linear with bias
+        return cls(
+            d_in=d["d_in"],
+            d_out=d["d_out"],
+            k_a=d["k_a"],
+            k_s=d["k_s"],
+            seed=d["seed"],
+            kind=d.get("kind", "kronecker"),
+            layer=d.get("layer", "linear"),
+            bias=d.get("bias", True),
+            params=tuple(d.get("params", ())),
+        )
+
+
+# --- the optimizer as trained ----------------------------------------------------------------
+SEP = "::"  # optimizer state keys: "{parameter name}::{state key}"
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Everything about the optimizer that the replay needs besides the per-step LR and decay.
+
+    groups: parameter names of each param group (group order as in the optimizer).
+    """
+
+    kind: str
+    groups: tuple[tuple[str, ...], ...]
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    amsgrad: bool = False
+    maximize: bool = False
+    grad_clip: float | None = None
+    group_of: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "group_of", {n: i for i, names in enumerate(self.groups) for n in names})
+
+    @classmethod
+    def from_torch(
+        cls, optimizer: torch.optim.Optimizer, names: Mapping[int, str], grad_clip: float | None = None
+    ) -> OptimizerSpec:
+        """Read a torch optimizer. names: ``id(parameter) -> name`` (every optimized parameter must have one)."""
+        if isinstance(optimizer, torch.optim.AdamW):
+            kind = "adamw"
+        elif isinstance(optimizer, torch.optim.SGD):
+            kind = "sgd"
+        else:
+            kind = type(optimizer).__name__
+        groups = []
+        for i, g in enumerate(optimizer.param_groups):
+            missing = [tuple(p.shape) for p in g["params"] if id(p) not in names]
+            if missing:
+                raise ReplayError(f"optimizer param group {i}: parameters of shapes {missing[:3]} are not in the model")
+            groups.append(tuple(names[id(p)] for p in g["params"]))
+        g0 = optimizer.param_groups[0]
+        return cls(
+            kind=kind,
+            groups=tuple(groups),
+            momentum=float(g0.get("momentum", 0.0) or 0.0),
+            dampening=float(g0.get("dampening", 0.0) or 0.0),
+            nesterov=bool(g0.get("nesterov", False)),
+            betas=tuple(float(b) for b in g0.get("betas", (0.9, 0.999))),
+            eps=float(g0.get("eps", 1e-8)),
+            amsgrad=bool(g0.get("amsgrad", False)),
+            maximize=bool(g0.get("maximize", False)),
+            grad_clip=grad_clip,
+        )
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("group_of")
+        d["groups"] = [{"params": list(names)} for names in self.groups]
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> OptimizerSpec:
+        d = dict(d)
+        d["groups"] = tuple(tuple(g["params"]) for g in d["groups"])
+        d["betas"] = tuple(d.get("betas", (0.9, 0.999)))
+        d.pop("group_weight_decay", None)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "group_of"})
+
+    def check_replayable(self) -> None:
+        """ReplayError naming the option that the step map does not reproduce."""
+        if self.kind not in ("sgd", "adamw"):
+            raise ReplayError(
+                f"optimizer {self.kind!r}: only torch.optim.SGD and torch.optim.AdamW have an exact step map"
+            )
+        if self.amsgrad:
+            raise ReplayError(
+                "optimizer AdamW(amsgrad=True): AMSGrad's running max is not replayable; use amsgrad=False"
+            )
+        if self.maximize:
+            raise ReplayError("optimizer maximize=True is not supported by the replay")
+        if self.kind == "sgd" and self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ReplayError("SGD nesterov=True needs momentum > 0 and dampening 0 (as torch.optim.SGD)")
+
+    def state_keys(self) -> tuple[str, ...]:
+        if self.kind == "adamw":
+            return ("exp_avg", "exp_avg_sq", "step")
+        return ("momentum_buffer",) if self.momentum else ()
+
+
+@dataclass(frozen=True)
+class StepHyper:
+    """Per-group learning rate and weight decay of one step, as the optimizer held them when it stepped."""
+
+    lr: tuple[float, ...]
+    weight_decay: tuple[float, ...]
+
+
+def torch_state(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> dict[str, torch.Tensor]:
+    """The flat state dict of a torch optimizer (``"{name}::{key}"``); tensors detached, not copied."""
+    out: dict[str, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, v in optimizer.state.get(p, {}).items():
+                if v is None:
+                    continue
+                out[f"{names[id(p)]}{SEP}{key}"] = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
+    return out

@@ -41,11 +41,11 @@ from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
 from dvemb.checks import record_segments_used
 from dvemb.embed.curvature import check_curvature, concat_records, curvature_path, fisher_vectors
 from dvemb.errors import CaptureError
-from dvemb.replay.optim import OptimizerSpec, torch_state
 from dvemb.store import integrity
 from dvemb.store.atomic import atomic_path
 from dvemb.store.gradstore import SegmentWriter, write_projection
 from dvemb.store.rundir import RunDir, save_tensors
+from dvemb.types import OptimizerSpec, torch_state
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from dvemb.capture.layers import Member, Selection, select_layers
-from dvemb.capture.projection import DTYPES, LayerProjection, Projector, layer_seed
+from dvemb.capture.projection import DTYPES, Projector, layer_seed
 from dvemb.errors import CaptureError, NonFiniteGradientError
-from dvemb.types import ProjectionConfig, StepGrads
+from dvemb.types import LayerProjection, ProjectionConfig, StepGrads
 
 
 def loss_weight(reduction: str, batch_size: int, accumulation: int = 1, loss_scale: float = 1.0) -> float:

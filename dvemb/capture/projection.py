@@ -20,88 +20,19 @@ drawn from a recorded per-layer seed.
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass
 
 import torch
+
+from dvemb.types import LayerProjection
 
 # projections are computed in this dtype; float16 / bfloat16 are storage dtypes (computed in float32,
 # rounded by the gradient store when written)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float32, "bfloat16": torch.float32}
-KINDS = ("kronecker", "elementwise", "subsample")
 
 
 def layer_seed(base_seed: int, layer: str) -> int:
     """Stable per-layer seed (independent of Python's hash randomisation)."""
     return (base_seed * 1_000_003 + zlib.crc32(layer.encode())) % (2**31)
-
-
-@dataclass(frozen=True)
-class LayerProjection:
-    """How one layer's [d_out, d_in] gradient is compressed.
-
-    d_in counts the bias column when ``bias``; ``layer`` is the layer kind (dvemb.capture.layers);
-    ``params`` names the model parameters whose gradient this is (as in ``model.named_parameters()``).
-    """
-
-    d_in: int
-    d_out: int
-    k_a: int
-    k_s: int
-    seed: int
-    kind: str = "kronecker"
-    layer: str = "linear"
-    bias: bool = True
-    params: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"projection kind {self.kind!r}: choose one of {', '.join(KINDS)}")
-
-    @property
-    def identity_a(self) -> bool:
-        return self.kind != "elementwise" and self.k_a >= self.d_in
-
-    @property
-    def identity_s(self) -> bool:
-        return self.kind != "elementwise" and self.k_s >= self.d_out
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(rows, cols) of the stored per-sample gradient matrix (elementwise: one row of k_a * k_s)."""
-        if self.kind == "elementwise":
-            return (1, self.k_a * self.k_s)
-        return (
-            self.d_out if self.identity_s else self.k_s,
-            self.d_in if self.identity_a else self.k_a,
-        )
-
-    @property
-    def dim(self) -> int:
-        """Length of the flattened per-sample gradient."""
-        return self.shape[0] * self.shape[1]
-
-    def to_json(self) -> dict:
-        return asdict(self) | {
-            "params": list(self.params),
-            "identity_a": self.identity_a,
-            "identity_s": self.identity_s,
-            "dim": self.dim,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> LayerProjection:
-        # files written before the elementwise kind / the layer registry: kronecker, a Linear with bias
-        return cls(
-            d_in=d["d_in"],
-            d_out=d["d_out"],
-            k_a=d["k_a"],
-            k_s=d["k_s"],
-            seed=d["seed"],
-            kind=d.get("kind", "kronecker"),
-            layer=d.get("layer", "linear"),
-            bias=d.get("bias", True),
-            params=tuple(d.get("params", ())),
-        )
 
 
 def selection(rows: int, cols: int, seed: int) -> torch.Tensor:

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 
 from dvemb.capture.layers import kind_of
-from dvemb.capture.projection import LayerProjection, Projector
+from dvemb.capture.projection import Projector
 from dvemb.embed.propagator import Curvature, Vectors, empirical_fisher
 from dvemb.errors import CaptureError
-from dvemb.types import StepGrads
+from dvemb.types import LayerProjection, StepGrads
 
 SEP = "::"
 

@@ -10,11 +10,11 @@ from dvemb.config import RunConfig
 from dvemb.embed.adam import AdamRun, StoredCoordinates, adam_direct_scores
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.run import DTYPES
-from dvemb.replay.optim import OptimizerSpec
 from dvemb.runtask import model_at
 from dvemb.store.gradstore import read_projection, read_segment
 from dvemb.store.rundir import RunDir, load_tensors
 from dvemb.store.trajectory import read_steps
+from dvemb.types import OptimizerSpec
 
 log = logging.getLogger(__name__)
 

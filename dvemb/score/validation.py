@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from dvemb.capture.hooks import GradientCapture
-from dvemb.capture.projection import LayerProjection
 from dvemb.embed.propagator import Vectors
 from dvemb.store.gradstore import check_same_projection
 from dvemb.task import Batch, Task
+from dvemb.types import LayerProjection
 
 
 def validation_gradients(

@@ -41,10 +41,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dvemb.capture.projection import LayerProjection
 from dvemb.errors import ProjectionMismatchError, StoreError
 from dvemb.store.atomic import finalize, temp_path_for, write_json
-from dvemb.types import ProjectionConfig, StepGrads
+from dvemb.types import LayerProjection, ProjectionConfig, StepGrads
 
 SCHEMA_VERSION = 1
 HALF_SCHEMA_VERSION = 2  # float16 / bfloat16 vectors (older readers refuse the file)

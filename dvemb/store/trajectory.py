@@ -8,11 +8,11 @@ from collections.abc import Mapping
 import polars as pl
 import torch
 
-from dvemb.capture.projection import LayerProjection, Projector
+from dvemb.capture.projection import Projector
 from dvemb.errors import StoreError
 from dvemb.store.gradstore import read_projection
 from dvemb.store.rundir import RunDir
-from dvemb.types import Schedule
+from dvemb.types import LayerProjection, Schedule
 
 log = logging.getLogger(__name__)
 
