@@ -46,8 +46,7 @@ from dvemb.config import RunConfig, load_config
 from dvemb.curate.detect import detection_metrics, dvemb_values, grad_dot_values, loss_values
 from dvemb.curate.plan import Window
 from dvemb.curate.retrain import METRICS, Variant, fit_variant, summarize
-from dvemb.curate.run import build_plan, curated_table, run_phases
-from dvemb.curate.values import phases_for, smooth_curve, step_curve
+from dvemb.curate.run import build_plan, curated_table
 from dvemb.embed.run import load_embeddings
 from dvemb.eval.groundtruth import all_epoch_loo, choose_samples, load_trajectory, verify_replay
 from dvemb.pipeline import run_local
@@ -55,6 +54,7 @@ from dvemb.replay.optim import ReplayError
 from dvemb.score.adam import adam_aware, adam_occurrence_scores
 from dvemb.score.run import val_vectors
 from dvemb.score.scores import occurrence_table, segment_scores
+from dvemb.score.values import phases_for, run_phases, smooth_curve, step_curve
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir
 from dvemb.store.trajectory import read_steps

@@ -2,7 +2,7 @@
 
 1. Source run (train + embed + score + curate) -> scores/occurrences.parquet; the per-step influence
    curve at the final checkpoint (mean |score|, mean score, and mean |score| / eta_t) with the LR
-   schedule; phases detected by ``dvemb.curate.values.detect_phases`` on the raw curve (what the
+   schedule; phases detected by ``dvemb.score.values.detect_phases`` on the raw curve (what the
    curate stage does) and on the LR-normalised curve; plot -> docs/img/shakespeare_influence_by_step.png.
 2. Retraining on the same 2 000 training blocks, same model config, from seeds 0, 1, ...:
    uniform batches vs phase-aware online selection (early + late phases only) vs online selection at
@@ -34,8 +34,8 @@ from benchmarks.common import machine_info, source_run_path, write_json_atomic
 from dvemb.config import RunConfig, load_config
 from dvemb.curate.plan import SelectionPlan, Window
 from dvemb.curate.retrain import Variant, fit_variant, summarize
-from dvemb.curate.values import Phases, detect_phases, final_occurrences, smooth_curve, step_curve
 from dvemb.pipeline import run_local
+from dvemb.score.values import Phases, detect_phases, final_occurrences, smooth_curve, step_curve
 from dvemb.store.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,9 +197,7 @@ def benchmark(args: argparse.Namespace, cfg: RunConfig, out: Path, run_path: Pat
         }
         for k, (a, b) in seg.items()
     }
-    print(
-        f"phases (raw curve, dvemb.curate.values): early [0, {raw['early_end']}), late [{raw['late_start']}, {total})"
-    )
+    print(f"phases (raw curve, dvemb.score.values): early [0, {raw['early_end']}), late [{raw['late_start']}, {total})")
     print(f"phases (LR-normalised curve): early [0, {normed['early_end']}), late [{normed['late_start']}, {total})")
     if not args.no_plot:
         plot(curves, raw, normed, smooth, PLOT)

@@ -12,8 +12,8 @@ from dvemb.curate.filter import by_value, keep_ids
 from dvemb.curate.plan import SelectionPlan, Window, plan_windows
 from dvemb.curate.run import build_plan, curated_table
 from dvemb.curate.selection import PlanSampler, selection_table, top_k
-from dvemb.curate.values import Phases, detect_phases, phases_for, step_curve, value_table
 from dvemb.data.datamodule import PlannedBatchSampler
+from dvemb.score.values import Phases, detect_phases, phases_for, step_curve, value_table
 
 
 def occ_table(rows, checkpoint=None):
@@ -342,7 +342,7 @@ def test_phase_detection_divides_out_the_learning_rate_schedule():
 
     import numpy as np
 
-    from dvemb.curate.values import phases_for
+    from dvemb.score.values import phases_for
 
     t_total = 200
     lr = np.array([min(1.0, (t + 1) / 20) * 0.5 * (1 + math.cos(math.pi * t / t_total)) for t in range(t_total)])

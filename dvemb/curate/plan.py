@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dvemb.curate.values import Phases
+from dvemb.score.values import Phases
 
 Mode = Literal["uniform", "ordered", "prior", "online"]
 MODES: tuple[str, ...] = ("uniform", "ordered", "prior", "online")

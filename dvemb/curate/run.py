@@ -9,10 +9,9 @@ import polars as pl
 from dvemb.config import CurateConfig, RunConfig
 from dvemb.curate.filter import by_value, keep_ids
 from dvemb.curate.plan import SelectionPlan, plan_windows
-from dvemb.curate.values import Phases, phases_for
+from dvemb.score.values import Phases, run_phases
 from dvemb.store.atomic import atomic_path, write_json
 from dvemb.store.rundir import RunDir
-from dvemb.store.trajectory import read_steps
 
 
 def curated_table(train: pl.DataFrame, samples: pl.DataFrame, policy: CurateConfig) -> pl.DataFrame:
@@ -54,13 +53,6 @@ def build_plan(
         val_every=policy.val_every,
         val_samples=policy.val_samples,
     )
-
-
-def run_phases(run: RunDir, policy: CurateConfig, occ: pl.DataFrame | None = None) -> Phases:
-    """The source run's phases (detected from its occurrence scores, or the configured ones)."""
-    occ = pl.read_parquet(run.occurrences) if occ is None else occ
-    lr = read_steps(run)["lr"].to_numpy() if policy.phase_curve == "per_lr" else None
-    return phases_for(occ, run.boundaries[-1], policy.phases, policy.phase_threshold, policy.phase_smooth, lr)
 
 
 def write_plan(path, plan: SelectionPlan) -> None:

@@ -11,8 +11,6 @@ import torch
 from dvemb.capture.hooks import GradientCapture
 from dvemb.checks import finite_frame
 from dvemb.config import RunConfig
-from dvemb.curate.run import run_phases
-from dvemb.curate.values import value_table
 from dvemb.data import TableDataModule
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
@@ -23,6 +21,7 @@ from dvemb.score.adam import adam_aware, adam_occurrence_scores
 from dvemb.score.exact import exact_occurrences
 from dvemb.score.scores import occurrence_table, segment_scores
 from dvemb.score.validation import validation_gradients
+from dvemb.score.values import run_phases, value_table
 from dvemb.store.atomic import atomic_path
 from dvemb.store.gc import check_not_dropped
 from dvemb.store.gradstore import SegmentedRecords, read_projection, read_segment

@@ -20,6 +20,10 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from dvemb.config import CurateConfig
+from dvemb.store.rundir import RunDir
+from dvemb.store.trajectory import read_steps
+
 PHASES = ("early", "middle", "late")
 
 
@@ -204,3 +208,10 @@ def _wide(df: pl.DataFrame, key: pl.Expr, prefix: str, sort_int: bool = False) -
     keys = sorted(long["_k"].unique().to_list(), key=int if sort_int else str)
     wide = long.pivot(on="_k", index="sample_id", values="score")
     return wide.select("sample_id", *[pl.col(k).alias(f"{prefix}{k}") for k in keys])
+
+
+def run_phases(run: RunDir, policy: CurateConfig, occ: pl.DataFrame | None = None) -> Phases:
+    """The source run's phases (detected from its occurrence scores, or the configured ones)."""
+    occ = pl.read_parquet(run.occurrences) if occ is None else occ
+    lr = read_steps(run)["lr"].to_numpy() if policy.phase_curve == "per_lr" else None
+    return phases_for(occ, run.boundaries[-1], policy.phases, policy.phase_threshold, policy.phase_smooth, lr)
