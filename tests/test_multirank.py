@@ -5,8 +5,9 @@ Independent reference: the one-process run with ``data.batch_size`` = 2 x the pe
 exactly the same global batches (the order of epoch e is a pure function of (seed, e)), so everything
 recorded must agree: the trajectory (sample order, weights 1/(B_local * W) = 1/B_global, losses), the
 checkpoints, and the scores of every mode (direct, embedding, exact replay) to rtol 1e-8 — DDP only
-changes the summation order of the gradient (fp64 rounding, ~1e-16 per step). Bad input: a missing
-shard, shards covering other steps or claiming the same sample, and a rank killed mid-run (SIGKILL).
+changes the summation order of the gradient (fp64 rounding, ~1e-16 per step). An uneven last batch is
+recorded as DDP weighted it (the exact replay reproduces the checkpoints). Bad input: a missing shard,
+shards covering other steps or claiming the same sample, and a rank killed mid-run (SIGKILL).
 """
 
 from __future__ import annotations
@@ -156,6 +157,43 @@ def test_variants_score_as_a_one_process_run(tmp_path, sets):
             score(run, with_mode(config(*ONE, *sets), mode))
             out.append(pl.read_parquet(run.occurrences).sort("checkpoint", "step", "sample_id")["score"].to_numpy())
         np.testing.assert_allclose(out[1], out[0], rtol=1e-8, atol=1e-8 * np.abs(out[0]).max(), err_msg=mode)
+
+
+def test_planned_sampler_slices_each_global_batch():
+    """Rank r iterates the r-th slice of each batch of the one-process plan of batch size B x W; a short
+    last batch is split as evenly as possible, one with fewer rows than ranks is dropped."""
+    n, b, w = 75, 8, 3  # global batches of 24: 3 full, then 3 rows (one per rank)
+    one = TableDataModule(feature_table(n), batch_size=b * w, seed=5).train_sampler
+    ranks = [TableDataModule(feature_table(n), batch_size=b, seed=5, world_size=w).train_sampler for _ in range(w)]
+    for r, sampler in enumerate(ranks):
+        sampler.rank = r
+        sampler.set_epoch(2)
+    assert all(len(s) == 4 for s in ranks) and [len(x) for x in ranks[0].plan(2)] == [24, 24, 24, 3]
+    got = [list(s) for s in ranks]
+    for i, batch in enumerate(one.plan(2)):
+        assert sum((got[r][i] for r in range(w)), []) == batch.tolist()
+    short = [TableDataModule(feature_table(74), batch_size=b, seed=5, world_size=w).train_sampler for _ in range(w)]
+    assert len(short[0]) == 3  # 2 rows left for 3 ranks: dropped
+
+
+def feature_table(n: int) -> pa.Table:
+    x = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(2 * n, dtype=np.float32)), 2)
+    return pa.table({"sample_id": np.arange(n), "x": x, "label": np.zeros(n, dtype=np.int64)})
+
+
+def test_an_uneven_last_batch_is_recorded_as_ddp_weighted_it(tmp_path):
+    """The last global batch of 27 is split 14 / 13: DDP weights the ranks' samples 1/(14 x 2) and
+    1/(13 x 2); the exact replay of the recorded batches and weights reproduces the checkpoints to 1e-10."""
+    from dvemb.replay.trajectory import load_trajectory, verify_replay
+
+    sets = ["data.subset=251", "train.epochs=1"]
+    run = train(config(*DDP, *sets), RunDir(tmp_path / "run"), progress=False)
+    last = pl.read_parquet(run.batches).filter(pl.col("step") == 7)
+    assert last.group_by("rank").agg(pl.len(), pl.col("weight").unique()).sort("rank").rows() == [
+        (0, 14, [1 / 28]),
+        (1, 13, [1 / 26]),
+    ]
+    assert verify_replay(load_trajectory(run)) < 1e-10
 
 
 def copy_run(run: RunDir, dst) -> RunDir:
