@@ -37,9 +37,10 @@ from pathlib import Path
 
 import torch
 
+from dvemb.capture.fisher import fisher_vectors
 from dvemb.capture.hooks import GradientCapture
 from dvemb.data.fetch import load_digits_arrays, load_mnist5k
-from dvemb.embed.curvature import as_curvature, fisher_vectors
+from dvemb.embed.curvature import as_curvature
 from dvemb.embed.direct import direct_scores
 from dvemb.eval.baselines import grad_dot, influence_function, tracin_cp
 from dvemb.eval.groundtruth import all_epoch_loo, tsloo_points

@@ -46,8 +46,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.bench_fidelity import REGIMES, B, Experiment, ground_truth, train, val_batch
 from benchmarks.common import RESULTS, machine_info, replace_doc_block, write_json_atomic
+from dvemb.capture.fisher import fisher_vectors
 from dvemb.capture.hooks import GradientCapture
-from dvemb.embed.curvature import as_curvature, fisher_vectors
+from dvemb.embed.curvature import as_curvature
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.segments import embed_steps
 from dvemb.eval.metrics import pearson, spearman

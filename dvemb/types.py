@@ -185,6 +185,30 @@ class LayerProjection:
         )
 
 
+def selection(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """[rows, cols] float64 0/1 matrix picking ``rows`` distinct coordinates (ascending), seeded.
+
+    The ``subsample`` kind: the stored gradient is G at a fixed random subset of its coordinates, so an
+    elementwise optimizer state (AdamW's second moment) stays elementwise in the stored space.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(cols, generator=gen)[:rows].sort().values
+    p = torch.zeros(rows, cols, dtype=torch.float64)
+    p[torch.arange(rows), idx] = 1.0
+    return p
+
+
+def draw(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
+    """The projection matrix of a kind: Gaussian (kronecker, elementwise) or a coordinate selection."""
+    return selection(rows, cols, seed) if kind == "subsample" else gaussian(rows, cols, seed)
+
+
+def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """[rows, cols] float64 matrix with N(0, 1/rows) entries, identical on every device."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float64) / rows**0.5
+
+
 # --- the optimizer as trained ----------------------------------------------------------------
 SEP = "::"  # optimizer state keys: "{parameter name}::{state key}"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.func import functional_call, grad, jacrev
 
+from dvemb.capture.fisher import curvature_path, fisher_vectors
 from dvemb.capture.hooks import GradientCapture
-from dvemb.embed.curvature import curvature_path, fisher_vectors
 from dvemb.eval.metrics import spearman
 from dvemb.models import MLP, MLPConfig
 from dvemb.store.gradstore import read_segment

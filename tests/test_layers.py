@@ -371,7 +371,7 @@ def test_curvature_style_calls_tell_tied_members_apart():
 
 def test_fisher_vectors_of_a_tied_block_sum_both_modules():
     """dvemb.embed.curvature hooks every module of a block: f_{z,c} = grad CE(z, c) of the shared weight."""
-    from dvemb.embed.curvature import fisher_vectors
+    from dvemb.capture.fisher import fisher_vectors
 
     class TiedClassifier(TinyLM):  # one id per sample -> logits [B, V]
         def forward(self, ids):

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch.func import functional_call, grad
 
+from dvemb.capture.fisher import fisher_vectors
 from dvemb.capture.hooks import GradientCapture
 from dvemb.config import ConfigError, load_config
 from dvemb.data.datamodule import TableDataset
 from dvemb.data.hf import load_hf
 from dvemb.data.tables import feature_table, load_source, text_table
-from dvemb.embed.curvature import fisher_vectors
 from dvemb.errors import TableValidationError
 from dvemb.models import MLP, MLPConfig
 from dvemb.runtask import model_at

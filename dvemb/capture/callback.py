@@ -37,9 +37,9 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessException
 
+from dvemb.capture.fisher import check_curvature, concat_records, curvature_path, fisher_vectors
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
 from dvemb.checks import record_segments_used
-from dvemb.embed.curvature import check_curvature, concat_records, curvature_path, fisher_vectors
 from dvemb.errors import CaptureError
 from dvemb.store import integrity
 from dvemb.store.atomic import atomic_path

@@ -8,11 +8,10 @@ from collections.abc import Mapping
 import polars as pl
 import torch
 
-from dvemb.capture.projection import Projector
 from dvemb.errors import StoreError
 from dvemb.store.gradstore import read_projection
 from dvemb.store.rundir import RunDir
-from dvemb.types import LayerProjection, Schedule
+from dvemb.types import LayerProjection, Schedule, selection
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +87,6 @@ def stored_groups(layer: str, spec: LayerProjection, group_of: Mapping[str, int]
     if spec.identity_a:
         is_bias = torch.arange(cols) == spec.d_in - 1
     else:  # the stored columns are a subsample of G's columns
-        is_bias = Projector(spec, torch.float64).p_a.argmax(1) == spec.d_in - 1
+        is_bias = selection(spec.k_a, spec.d_in, spec.seed).argmax(1) == spec.d_in - 1
     col = torch.where(is_bias, b, w).to(torch.int64)
     return col.repeat(rows)

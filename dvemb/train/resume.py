@@ -208,7 +208,7 @@ def check_same_config(run: RunDir, cfg: RunConfig) -> None:
 def _segment_files(run: RunDir, j: int, curvature: bool) -> list[Path]:
     files = [*run.grad_shards(j), run.trajectory_part("steps", j), run.trajectory_part("batches", j)]
     if curvature:
-        from dvemb.embed.curvature import curvature_path
+        from dvemb.capture.fisher import curvature_path
 
         files += [curvature_path(run, j, r) for r in range(run.world_size)]
     return files
