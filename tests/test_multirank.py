@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dvemb.config import load_config
+from dvemb.config import ConfigError, load_config
 from dvemb.data import TableDataModule
 from dvemb.embed.run import embed_segment
 from dvemb.errors import StoreError
@@ -194,6 +194,15 @@ def test_an_uneven_last_batch_is_recorded_as_ddp_weighted_it(tmp_path):
         (1, 13, [1 / 26]),
     ]
     assert verify_replay(load_trajectory(run)) < 1e-10
+
+
+def test_bad_rank_configs_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.devices=2 needs train.strategy=ddp"):
+        config("train.devices=2")
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(ConfigError, match=r"train.devices=2 \(accelerator gpu\): this machine has \d CUDA"):
+            train(config(*DDP, "train.accelerator=gpu"), RunDir(tmp_path / "run"), progress=False)
+        assert not (tmp_path / "run").exists()
 
 
 def copy_run(run: RunDir, dst) -> RunDir:

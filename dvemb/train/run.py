@@ -162,6 +162,17 @@ def strategy(cfg: RunConfig) -> str | DDPStrategy:
     return DDPStrategy(start_method="forkserver")
 
 
+def check_devices(cfg: RunConfig) -> None:
+    """ConfigError, before anything is written, when the training's GPUs are not all here."""
+    t = cfg.train
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0  # no CUDA context: ranks can still start
+    if (t.accelerator == "gpu" or (t.accelerator == "auto" and gpus)) and gpus < t.world_size:
+        raise ConfigError(
+            f"train.devices={t.devices} (accelerator {t.accelerator}): this machine has {gpus} CUDA device(s); "
+            "use fewer devices, or train.accelerator=cpu for CPU processes"
+        )
+
+
 def build_model(cfg: RunConfig, task: Task, info: DataInfo) -> nn.Module:
     """The task's freshly initialised model (seeded with ``task.init_seed()``), in the training precision."""
     L.seed_everything(task.init_seed(), workers=True, verbose=False)
@@ -240,6 +251,7 @@ def train(cfg: RunConfig, run: RunDir, force: bool = False, progress: bool = Tru
     a finished training is kept as it is; a run that never reached a boundary after step 0 (or no run
     at all) is started (over)."""
     task = load_task(cfg)
+    check_devices(cfg)
     point = plan_resume(run, cfg) if resume else None  # a multi-rank run keeps no resume state: None unless done
     if point is not None and point.done:
         log.info("%s: training is complete; kept", run.root)
