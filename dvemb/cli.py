@@ -113,7 +113,25 @@ def _setup(
     )
     _debug["on"] = debug or os.environ.get("DVEMB_DEBUG", "") not in ("", "0")
     for handler in logging.getLogger().handlers:
+        # on the handler too: Prefect, Lightning and dvemb's flow logging set their loggers to INFO themselves
+        handler.setLevel(logging.INFO if verbose else logging.WARNING)
         handler.addFilter(_OneLineErrors())
+
+
+@contextmanager
+def _stage_display(engine: str) -> Iterator[None]:
+    """While a pipeline runs: one line per finished stage and a spinner on the next (both engines), Lightning
+    logging through the root handler only, the known harmless warnings filtered (dvemb.progress)."""
+    from dvemb.progress import StageDisplay, quiet_frameworks
+
+    quiet_frameworks()
+    if engine != "local":
+        console.print(
+            "[dim]the pipeline flow runs on a Prefect server (a temporary one unless PREFECT_API_URL is set); "
+            "stage lines follow[/]"
+        )
+    with StageDisplay(console):
+        yield
 
 
 def _run_config(config: Path | None, out: Path | None, sets: list[str], force: bool, resume: bool) -> RunConfig:
@@ -143,7 +161,7 @@ def run(
     """The full pipeline: train -> embed -> score -> curate."""
     from dvemb.checks import check_config
 
-    with _handled(resumable := {"command": "run"}):
+    with _handled(resumable := {"command": "run"}), _stage_display(engine):
         if engine not in ("prefect", "local"):
             raise DvembError(f"--engine {engine!r}: choose 'prefect' or 'local'")
         cfg = _run_config(config, out, sets, force, resume)
@@ -166,6 +184,10 @@ def run(
             from dvemb.pipeline import run_local
 
             run_local(cfg, out, force=force, resume=resume)
+    with _handled():
+        from dvemb.summary import render
+
+        console.print(render(_run_dir(out)))
     console.print(f"[green]done:[/] {escape(str(out))}")
 
 
@@ -182,6 +204,9 @@ def train(
     from dvemb.train.run import train as train_stage
 
     with _handled(resumable := {"command": "train"}):
+        from dvemb.progress import quiet_frameworks
+
+        quiet_frameworks()
         cfg = _run_config(config, out, sets, force, resume)
         check_config(cfg)
         resumable["out"] = out = out or Path("runs") / cfg.name

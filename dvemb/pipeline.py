@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
 import torch
 import yaml
-from rich.progress import track
 
 from dvemb.checks import check_config
 from dvemb.config import ConfigError, RunConfig, load_config
 from dvemb.curate.run import curate
 from dvemb.embed.run import embed_segment
+from dvemb.progress import stage_extra
 from dvemb.report import drop_reason, write_report
 from dvemb.score.run import score
 from dvemb.store import integrity
@@ -155,11 +158,14 @@ def describe_curate(run: RunDir) -> str:
 
 
 def log_stage(run: RunDir, stage: str, segment: int | None = None) -> None:
-    """Log what ``stage`` (train / embed / score / curate) left in ``run``: counts, loss, paths."""
+    """Log what ``stage`` (train / embed / score / curate) left in ``run``: counts, loss, paths. The record
+    carries the stage (``dvemb.progress.stage_extra``: the CLI's display prints it as the stage's line)."""
     if stage == "embed" and segment is not None:
-        log.info(describe_segment(run, segment))
+        k = len(run.boundaries) - 1
+        extra = stage_extra(stage, segment, k, wrote=run.embeddings(segment).exists())
+        log.info(describe_segment(run, segment), extra=extra)
     elif stage in STAGE_LINES:
-        log.info(STAGE_LINES[stage](run))
+        log.info(STAGE_LINES[stage](run), extra=stage_extra(stage))
 
 
 STAGE_LINES = {"train": describe_train, "score": describe_score, "curate": describe_curate}
@@ -179,33 +185,47 @@ def missing_segments(run: RunDir) -> list[int]:
     return [j for j, paths in files.items() if wanted & set(paths) and not intact(run, paths)]
 
 
+@contextmanager
+def stopwatch(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` block to ``timings[stage]`` (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
 def run_local(
     cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True, resume: bool = False
 ) -> RunDir:
-    """train -> embed (every segment) -> score -> curate, sequentially.
+    """train -> embed (every segment) -> score -> curate, sequentially; then report.md, with the wall time
+    of every stage that ran (also recorded in run.json ``timings``).
 
     resume: continue an interrupted run: training from its last boundary checkpoint (dvemb.train.resume),
     then only the segments and stages whose outputs are missing or damaged (a stage after one that did
     work is redone)."""
     check_device(cfg.embed.device)
     log.info("config %s:\n%s", cfg.name, config_yaml(cfg))
-    run = train(cfg, RunDir(out), force=force, progress=progress, resume=resume)
+    timings: dict[str, float] = {}
+    with stopwatch(timings, "train"):
+        run = train(cfg, RunDir(out), force=force, progress=progress, resume=resume)
     log_stage(run, "train")
     todo = missing_segments(run) if resume else list(range(len(run.boundaries) - 1))
     if resume:
         log.info("embed: %d segment(s) to do %s, the others are kept", len(todo), todo)
-    for j in track(todo, description="embedding segments", disable=not progress, transient=True):
-        embed_segment(run, j, cfg.embed)
-        log_stage(run, "embed", j)
+    with stopwatch(timings, "embed"):
+        for j in todo:
+            embed_segment(run, j, cfg.embed)
+            log_stage(run, "embed", j)
     redo = bool(todo) or not resume
-    if redo or not intact(run, run.expected("score")):
-        score(run, cfg)
-        log_stage(run, "score")
-        redo = True
-    if redo or not intact(run, run.expected("curate")):
-        curate(run, cfg)
-        log_stage(run, "curate")
-        redo = True
+    for stage, fn in (("score", score), ("curate", curate)):
+        if redo or not intact(run, run.expected(stage)):
+            with stopwatch(timings, stage):
+                fn(run, cfg)
+            log_stage(run, stage)
+            redo = True
+        else:
+            log.info("%s: kept (its files are intact)", stage, extra=stage_extra(stage))
     if redo or not run.report.exists():
-        write_report(run)
+        write_report(run, timings)
     return run

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from dvemb.store.atomic import atomic_path
 from dvemb.store.rundir import RunDir
 
 TOP_N = 10
+CURATION_DOC = Path(__file__).resolve().parents[1] / "docs" / "CURATION.md"
 SYMLOG_RANGE = 30.0  # the signed panel switches to a symmetric log scale when max|y| / median|y| exceeds this
 
 
@@ -164,6 +166,35 @@ def drop_reason(policy: dict) -> str:
     return "drop=none: nothing is filtered"
 
 
+def curation_doc(run: RunDir) -> str:
+    """docs/CURATION.md (the measured curation results) as a link that works from ``run``'s report.md."""
+    doc, root = CURATION_DOC, run.root.resolve()
+    if not doc.exists():
+        return "`docs/CURATION.md` in the dvemb repository"
+    inside = root.is_relative_to(doc.parents[1])  # a run in the checkout (runs/NAME): a relative link
+    return f"[docs/CURATION.md]({Path(os.path.relpath(doc, root)).as_posix() if inside else doc.as_uri()})"
+
+
+def retraining_lines(run: RunDir, plan: dict) -> list[str]:
+    """What retraining on the curated table is expected to do: the measured results of docs/CURATION.md only."""
+    if not plan["n_dropped"]:
+        return []
+    lines = [
+        f"- **retraining on the curated table** (`dvemb.curate.retrain`, flow `retrain`; measured results: "
+        f"{curation_doc(run)}): with label noise the value filter removes mostly flipped labels — on MNIST "
+        "with 20 % of the labels flipped, dropping the negative-value samples (embedding-mode values, 5 seeds) "
+        "lowered the clean test loss from 0.796 to 0.618 (random removal of as many rows: 0.897) at about "
+        "the same test accuracy (0.848 vs 0.854)."
+    ]
+    if not run.corrupted.exists():
+        lines.append(
+            "- no label of this run was flipped on purpose, and docs/CURATION.md has no measurement on clean data: the "
+            "dropped rows are those whose removal lowers the validation loss most (to first order), which need "
+            "not carry over to new data — retrain on the curated table and compare on the test set before using it"
+        )
+    return lines
+
+
 def curation_lines(run: RunDir, plan: dict) -> list[str]:
     """Kept / dropped and why; how the dropped rows were valued; flipped labels among them when known."""
     policy = plan.get("policy", {})
@@ -191,6 +222,7 @@ def curation_lines(run: RunDir, plan: dict) -> list[str]:
                 f"- {hit} of the {dropped.height} dropped rows had their label flipped on purpose "
                 f"({flipped.height} flipped in all)"
             )
+    lines += retraining_lines(run, plan)
     windows = [w for w in plan.get("windows", []) if w.get("stop", 0) > w.get("start", 0)]
     if windows:
         spans = ", ".join(f"{w.get('mode', '?')} [{w['start']}, {w['stop']})" for w in windows)
@@ -292,7 +324,11 @@ def plot_markdown(run: RunDir, per_step: pl.DataFrame, png: Path) -> str:
 def write_report(
     run: RunDir, timings: dict[str, float] | None = None, config_source: dict | None = None
 ) -> tuple[pl.DataFrame, Path, str]:
-    """Write the plot and report.md into the run; returns (per-step table, plot path, summary markdown)."""
+    """Write the plot and report.md into the run; returns (per-step table, plot path, summary markdown).
+
+    ``timings``: wall seconds per stage, also recorded in run.json ``timings``."""
+    if timings:
+        run.update_meta(timings={k: round(v, 3) for k, v in timings.items()})  # the end summary reads them
     per_step = influence_by_step(run)
     png = plot_influence(run, per_step)
     resolved = yaml.safe_dump(run.meta()["config"], sort_keys=False, width=120)

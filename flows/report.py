@@ -6,6 +6,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from dvemb.report import TOP_N, plot_markdown, top_samples, write_report
 from dvemb.store.rundir import RunDir
+from dvemb.summary import summary_markdown as end_summary
 
 KEYS = {"summary": "dvemb-run-summary", "samples": "dvemb-top-samples", "plot": "dvemb-influence-by-step"}
 
@@ -18,7 +19,9 @@ def publish(out: str, timings: dict[str, float], config_source: dict | None = No
     run = RunDir(out)
     per_step, png, summary = write_report(run, timings, config_source)
     create_markdown_artifact(
-        summary, key=KEYS["summary"], description="dvemb run summary: config, trajectory, kept/dropped and why"
+        end_summary(run) + "\n" + summary,  # what dvemb run prints last, then the report's summary
+        key=KEYS["summary"],
+        description="dvemb run summary: config, trajectory, kept/dropped and why",
     )
     create_table_artifact(
         top_samples(run), key=KEYS["samples"], description=f"{TOP_N} most valuable and {TOP_N} most harmful samples"

@@ -1,0 +1,138 @@
+"""The end summary of a run (what ``dvemb run`` prints last), read from the run directory alone.
+
+About fifteen lines: the stages and their wall times (run.json ``timings``), the training, the scoring
+mode and what it means for fidelity, the most helpful and most harmful training samples, what curation
+kept and dropped and why, and where report.md is. :func:`summary_rows` holds the content;
+:func:`render` (rich, the CLI) and :func:`summary_markdown` (a Prefect artifact) only lay it out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import polars as pl
+from rich.console import Group
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from dvemb.report import drop_reason, top_samples
+from dvemb.store.rundir import RunDir
+
+TOP = 3
+STAGE_ORDER = ("train", "embed", "score", "curate")
+
+
+def fidelity(run: RunDir, meta: dict) -> str:
+    """The scoring mode of ``run`` and what it means for how close the scores are to leave-one-out."""
+    c = meta["config"]
+    mode = c["score"]["mode"]
+    kind = meta.get("optimizer", {}).get("kind", c["train"]["optimizer"])
+    if mode == "exact":
+        return f"exact: exact first-order leave-one-out through the recorded optimizer ({kind}; one reverse sweep)"
+    cap, emb = c["capture"], c["embed"]
+    projection = f"k_a={cap['k_a']} x k_s={cap['k_s']}"
+    model = f"{emb['curvature']} curvature, {emb['blocks']} blocks, gradients projected to {projection}"
+    if kind == "adamw":
+        from dvemb.score.adam import adam_aware
+
+        quiet = logging.getLogger("dvemb.score.adam")
+        was, quiet.disabled = quiet.disabled, True  # the score stage has already warned about the SGD proxy
+        try:
+            model += "; AdamW: the linearised Adam recursion" if adam_aware(run) else "; AdamW scored by the SGD proxy"
+        finally:
+            quiet.disabled = was
+    how = "from the data value embeddings" if mode == "embedding" else "from the stored gradients"
+    return f"{mode}: approximate first-order leave-one-out through a curvature model ({model}), {how}"
+
+
+def stage_times(meta: dict) -> str:
+    """``train 8.1 s · embed 0.0 s · … = 10.5 s`` from run.json ``timings``; empty when not recorded."""
+    t = meta.get("timings") or {}
+    if not t:
+        return ""
+    names = [s for s in STAGE_ORDER if s in t] + [s for s in t if s not in STAGE_ORDER]
+    return " · ".join(f"{s} {t[s]:.1f} s" for s in names) + f" = {sum(t.values()):.1f} s"
+
+
+def curation_sentence(plan: dict) -> str:
+    """Kept / dropped counts and the rule, in words."""
+    n, kept, dropped = plan["n_train"], plan["n_kept"], plan["n_dropped"]
+    share = f" ({dropped / n:.1%})" if n else ""
+    return f"kept {kept} of {n} training rows, dropped {dropped}{share} — {drop_reason(plan.get('policy', {}))}"
+
+
+def summary_rows(run: RunDir) -> list[tuple[str, str]]:
+    """(field, text) rows of the summary, report.md last; what a stage that has not run would show is left out."""
+    meta = run.meta()
+    rows = [("run", f"{meta['config']['name']} → {run.root}")]
+    if times := stage_times(meta):
+        rows.append(("stages", times))
+    if run.steps.exists():
+        steps = pl.read_parquet(run.steps, columns=["epoch", "loss"])
+        rows.append(
+            (
+                "training",
+                f"{steps.height} steps over {steps['epoch'].n_unique()} epochs; "
+                f"loss {steps['loss'][0]:.4f} → {steps['loss'][-1]:.4f}",
+            )
+        )
+    if run.samples.exists():
+        rows.append(("scoring", fidelity(run, meta)))
+        v = pl.read_parquet(run.samples, columns=["value"])["value"]
+        helped, hurt = (v > 0).sum(), (v < 0).sum()
+        rows.append(("values", f"{helped} samples helped, {hurt} hurt (lowered / raised the validation loss)"))
+    if run.plan.exists():
+        rows.append(("curation", curation_sentence(json.loads(run.plan.read_text()))))
+    rows.append(("report", str(run.report) if run.report.exists() else "not written"))
+    return rows
+
+
+def top_rows(run: RunDir, n: int = TOP) -> list[dict]:
+    """The ``n`` most helpful and ``n`` most harmful samples (report.top_samples rows); none before scoring."""
+    return top_samples(run, n) if run.samples.exists() else []
+
+
+def _grid(rows: list[tuple[str, str]]) -> Table:
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True, min_width=8)
+    grid.add_column(overflow="fold")
+    for field, text in rows:
+        grid.add_row(field, escape(text))
+    return grid
+
+
+def render(run: RunDir) -> Panel:
+    """The summary as a rich panel (the CLI prints it after ``dvemb run``): the rows, the top samples, and
+    where report.md is last."""
+    rows = summary_rows(run)
+    parts: list = [_grid(rows[:-1])]
+    top = top_rows(run)
+    if top:
+        has_label = any(r["label"] is not None for r in top)
+        t = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
+        t.add_column("")
+        t.add_column("sample_id", justify="right")
+        if has_label:
+            t.add_column("label", justify="right")
+        t.add_column("value", justify="right")
+        for r in top:
+            label = [str(r["label"])] if has_label else []
+            name = f"{'most helpful' if r['group'] == 'most valuable' else 'most harmful'} {r['rank']}"
+            t.add_row(name, str(r["sample_id"]), *label, r["value"])
+        parts.append(t)
+    parts.append(_grid(rows[-1:]))
+    return Panel(Group(*parts), title="dvemb run summary", title_align="left", expand=False)
+
+
+def summary_markdown(run: RunDir) -> str:
+    """The same summary as Markdown (e.g. for a Prefect markdown artifact)."""
+    lines = ["| | |", "|---|---|", *(f"| {f} | {t.replace('|', '/')} |" for f, t in summary_rows(run))]
+    top = top_rows(run)
+    if top:
+        lines += ["", "| | sample_id | label | value |", "|---|---:|---:|---:|"]
+        for r in top:
+            label = "" if r["label"] is None else r["label"]
+            lines.append(f"| {r['group']} #{r['rank']} | {r['sample_id']} | {label} | {r['value']} |")
+    return "\n".join(lines) + "\n"
