@@ -155,31 +155,51 @@ def run(
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<name>)")] = None,
     sets: Sets = None,
     force: Force = False,
-    engine: Annotated[str, typer.Option(help="prefect (flows, artifacts) or local (one process)")] = "prefect",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="prefect (flows, artifacts), dask (the same flow, its embedding and scoring tasks on a Dask "
+            "cluster) or local (one process)"
+        ),
+    ] = "prefect",
+    address: Annotated[
+        str | None,
+        typer.Option(help="tcp://host:port of a running Dask scheduler (implies --engine dask)"),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="--engine dask without --address: LocalCluster processes")] = 2,
     resume: Resume = False,
 ) -> None:
     """The full pipeline: train -> embed -> score -> curate."""
     from dvemb.checks import check_config
 
     with _handled(resumable := {"command": "run"}), _stage_display(engine):
-        if engine not in ("prefect", "local"):
-            raise DvembError(f"--engine {engine!r}: choose 'prefect' or 'local'")
+        if engine not in ("prefect", "dask", "local"):
+            raise DvembError(f"--engine {engine!r}: choose 'prefect', 'dask' or 'local'")
+        if address is not None:
+            if engine == "local":
+                raise DvembError("--address: a Dask scheduler runs the Prefect flow's tasks; not with --engine local")
+            engine = "dask"
         cfg = _run_config(config, out, sets, force, resume)
         check_config(cfg)
         out = out or Path("runs") / cfg.name
         resumable["out"] = out
-        if resume and engine == "prefect":
+        if resume and engine != "local":
             raise DvembError(
                 "--resume: the Prefect pipeline continues a run when its flow run is retried; "
                 "from the command line resume with --engine local"
             )
-        if engine == "prefect":
+        if engine in ("prefect", "dask"):
             # no network here; and a first start on a fresh machine migrates SQLite (slow on 2 cores)
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
             os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-            from flows.pipeline import pipeline
+            from flows.pipeline import check_scheduler, dask_runner, pipeline
 
-            pipeline(config=str(config), overrides=list(sets or []), out=str(out), force=force)
+            flow = pipeline
+            if engine == "dask":
+                if address is not None:
+                    check_scheduler(address)  # before anything is written
+                flow = pipeline.with_options(task_runner=dask_runner(address, workers))
+            flow(config=str(config), overrides=list(sets or []), out=str(out), force=force)
         else:
             from dvemb.pipeline import run_local
 

@@ -6,6 +6,11 @@ of this one flow run: one run graph, and every stage's log lines in this run's L
 
 Its parameters are what a person fills in: a config file (the shipped ones are a dropdown), overrides
 merged onto THAT file, the run directory, ``force``, and where to publish the curated dataset.
+
+Engines: Prefect's default task runner runs the mapped and submitted tasks (the embedding segments, the
+scoring) in threads of the flow's process; :func:`dask_runner` swaps in ``prefect_dask.DaskTaskRunner`` so
+the same tasks run on a Dask cluster's workers (``pipeline.with_options(task_runner=dask_runner(...))``).
+Tasks exchange run-directory paths, never tensors: the workers need the run directory on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from prefect.events import emit_event
 
 from dvemb.config import RunConfig
 from dvemb.curate.publish import publish_version, read_version
+from dvemb.errors import DvembError
 from dvemb.pipeline import config_yaml, preflight, resolve_config
 from dvemb.store.rundir import RunDir
 from flows.common import DEFAULT_CONFIG, ConfigFile, io_task, own_partial_run, resolve_out, run_time
@@ -33,6 +39,37 @@ from flows.train import train_model
 
 log = logging.getLogger("dvemb.flows")
 PUBLISHED_EVENT = "dvemb.dataset.published"
+SCHEDULER_TIMEOUT_S = 5
+
+
+class ClusterError(DvembError):
+    """A Dask scheduler address that is malformed or does not answer."""
+
+
+def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT_S) -> int:
+    """Connect to the Dask scheduler at ``address`` (``tcp://host:port``) within ``timeout`` seconds;
+    returns its number of workers. ClusterError names the address when it is malformed or does not answer."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=timeout, set_as_default=False) as client:
+            return len(client.nthreads())
+    except Exception as e:  # noqa: BLE001 - any failure to reach it is the same error for the user
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClusterError(
+            f"--address {address!r}: no Dask scheduler answered within {timeout:g} s ({why}); "
+            "give a running scheduler's tcp://host:port, or leave --address out for a local cluster"
+        ) from None
+
+
+def dask_runner(address: str | None = None, workers: int = 2):
+    """``prefect_dask.DaskTaskRunner`` on the scheduler at ``address``, else on a new LocalCluster of
+    ``workers`` processes (one thread each) that lives as long as the flow run."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
 
 
 @task(name="resolve-config", cache_policy=NO_CACHE)
@@ -126,7 +163,7 @@ def pipeline(
         segments = embed_segment.map(unmapped(run), range(count_segments(run)), unmapped(cfg.embed))
         compose(run, segments.result())
     with stopwatch(timings, "score"):
-        score_occurrences(cfg, run)
+        score_occurrences.submit(cfg, run).result()  # on the task runner (a Dask worker with --engine dask)
     with stopwatch(timings, "curate"):
         curate_data(cfg, run)
     publish(run, timings, source)
