@@ -32,17 +32,23 @@ def fidelity(run: RunDir, meta: dict) -> str:
     if mode == "exact":
         return f"exact: exact first-order leave-one-out through the recorded optimizer ({kind}; one reverse sweep)"
     cap, emb = c["capture"], c["embed"]
-    projection = f"k_a={cap['k_a']} x k_s={cap['k_s']}"
-    model = f"{emb['curvature']} curvature, {emb['blocks']} blocks, gradients projected to {projection}"
+    store = f"{cap['kind']} projection k_a={cap['k_a']} x k_s={cap['k_s']}"
+    model = f"{emb['curvature']} curvature, {emb['blocks']} blocks, {store}"
     if kind == "adamw":
         from dvemb.score.adam import adam_aware
 
         quiet = logging.getLogger("dvemb.score.adam")
         was, quiet.disabled = quiet.disabled, True  # the score stage has already warned about the SGD proxy
         try:
-            model += "; AdamW: the linearised Adam recursion" if adam_aware(run) else "; AdamW scored by the SGD proxy"
+            aware = adam_aware(run)
         finally:
             quiet.disabled = was
+        if aware:  # the score stage takes this path in embedding and direct mode alike
+            return (
+                f"{mode}: approximate first-order leave-one-out through the linearised AdamW recursion "
+                f"(parameters and moments; {emb['curvature']} curvature), from the stored gradients ({store})"
+            )
+        model += "; AdamW treated as SGD with the recorded LR (proxy)"
     how = "from the data value embeddings" if mode == "embedding" else "from the stored gradients"
     return f"{mode}: approximate first-order leave-one-out through a curvature model ({model}), {how}"
 
@@ -56,11 +62,17 @@ def stage_times(meta: dict) -> str:
     return " · ".join(f"{s} {t[s]:.1f} s" for s in names) + f" = {sum(t.values()):.1f} s"
 
 
-def curation_sentence(plan: dict) -> str:
-    """Kept / dropped counts and the rule, in words."""
+def curation_sentence(run: RunDir, plan: dict) -> str:
+    """Kept / dropped counts, the rule in words, and the range of the dropped rows' values."""
     n, kept, dropped = plan["n_train"], plan["n_kept"], plan["n_dropped"]
+    policy = plan.get("policy", {})
     share = f" ({dropped / n:.1%})" if n else ""
-    return f"kept {kept} of {n} training rows, dropped {dropped}{share} — {drop_reason(plan.get('policy', {}))}"
+    text = f"kept {kept} of {n} training rows, dropped {dropped}{share} — {drop_reason(policy)}"
+    by = policy.get("filter_by", "value")
+    if dropped and run.samples.exists() and by in pl.read_parquet_schema(run.samples):
+        v = pl.read_parquet(run.samples, columns=["sample_id", by]).sort(by, "sample_id")[by]  # as the filter ranks
+        text += f"; dropped {by} {v[0]:+.2e} to {v[min(dropped, v.len()) - 1]:+.2e}"
+    return text
 
 
 def summary_rows(run: RunDir) -> list[tuple[str, str]]:
@@ -84,7 +96,7 @@ def summary_rows(run: RunDir) -> list[tuple[str, str]]:
         helped, hurt = (v > 0).sum(), (v < 0).sum()
         rows.append(("values", f"{helped} samples helped, {hurt} hurt (lowered / raised the validation loss)"))
     if run.plan.exists():
-        rows.append(("curation", curation_sentence(json.loads(run.plan.read_text()))))
+        rows.append(("curation", curation_sentence(run, json.loads(run.plan.read_text()))))
     rows.append(("report", str(run.report) if run.report.exists() else "not written"))
     return rows
 

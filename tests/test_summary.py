@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from dvemb.cli import app
 from dvemb.progress import quiet_frameworks
 from dvemb.store.rundir import RunDir
-from dvemb.summary import summary_markdown
+from dvemb.summary import fidelity, summary_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "train.epochs=2", "--set", "data.subset=400", "--set", "embed.segments=2"]
@@ -132,3 +132,14 @@ def test_verbose_cli_prints_each_lightning_line_once(tmp_path):
     assert out.count(GPU_LINE) == 1, out[-3000:]
     assert out.count("✓ score: ") == 1  # a stage line once (the display), not again from the root handler
     assert "dvemb run summary" in out
+
+
+def test_fidelity_names_the_curvature_model_outside_exact_mode(digits):
+    run, _ = digits
+    meta = run.meta()
+    meta["config"]["score"]["mode"] = "embedding"
+    text = fidelity(run, meta)
+    assert text.startswith("embedding: approximate") and "curvature model (empirical curvature, layer blocks" in text
+    assert text.endswith("from the data value embeddings")
+    meta["config"]["score"]["mode"] = "direct"
+    assert fidelity(run, meta).endswith("from the stored gradients")
