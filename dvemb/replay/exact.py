@@ -71,7 +71,7 @@ def exact_scores(
         for t in range(a, b):
             states.append(traj.step(*states[-1], t))
         if verify:
-            check_boundary(traj, b, *states[-1])
+            check_boundary(traj, b, *states[-1], scoring=True)
         if b in at:
             p = {k: v.detach().requires_grad_(k in traj.spec.group_of) for k, v in states[-1][0].items()}
             trained = traj.trained(p)
