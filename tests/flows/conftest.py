@@ -165,6 +165,7 @@ def _closed_loop(deployed: dict[str, Any], tmp: Path, name: str, execute: Callab
     from prefect.client.schemas.actions import DeploymentScheduleCreate, DeploymentUpdate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.client.schemas.sorting import FlowRunSort
 
     nightly, retrain = deployed["pipeline/nightly-curation"], deployed["retrain/retrain-curated"]
     params = {
@@ -192,15 +193,19 @@ def _closed_loop(deployed: dict[str, Any], tmp: Path, name: str, execute: Callab
         )
 
         def run_of(deployment_id: Any, match: Callable[[Any], bool] = lambda r: True) -> Callable[[], Any]:
+            """The deployment's earliest flow run that ``match``es (the scheduler makes several at once)."""
+
             def ok() -> Any:
                 runs = client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                    sort=FlowRunSort.EXPECTED_START_TIME_ASC,
                 )
                 return next((r for r in runs if match(r)), None)
 
             return ok
 
         curation = wait_for("the scheduler to create the curation run", run_of(test_id), 60, 0.5, log)
+        assert curation.expected_start_time <= due + timedelta(seconds=1), "not the run due in 3 s"
         execute(curation, log)
         curation = client.read_flow_run(curation.id)
         assert curation.state.is_completed(), f"{curation.state.message}\n{_tail(log)}"
