@@ -103,7 +103,9 @@ class _OneLineErrors(logging.Filter):
 
 @app.callback()
 def _setup(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="also show INFO logs (dvemb's stages, Lightning, Prefect)")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error")] = False,
 ) -> None:
     logging.basicConfig(
