@@ -70,7 +70,7 @@ class StageDisplay(logging.Handler):
     the ``dvemb`` logger). Stage records are printed here only: :meth:`not_mine` keeps them off the root
     handler (``-v``), so every record is printed once."""
 
-    def __init__(self, console: Console, first: str | None = None) -> None:
+    def __init__(self, console: Console) -> None:
         super().__init__(logging.INFO)
         self.console = console
         self.start = time.perf_counter()
@@ -82,7 +82,6 @@ class StageDisplay(logging.Handler):
         self._stage: str | None = None
         self._quiet_segments: dict[int, int] = {}  # embed segments that wrote nothing: segment -> of
         self._done_segments: set[int] = set()
-        self._first = first
 
     def __enter__(self) -> StageDisplay:
         """Attach to the ``dvemb`` logger (at INFO: the root handler still shows INFO only with ``-v``) and
@@ -96,8 +95,6 @@ class StageDisplay(logging.Handler):
         for h in logging.getLogger().handlers:
             h.addFilter(self.not_mine)
         self.progress.start()
-        if self._first:
-            self._spin(self._first)
         _shown = True
         return self
 
