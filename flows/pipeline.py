@@ -62,6 +62,23 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT_S) -> int:
         ) from None
 
 
+@contextmanager
+def shared_api() -> Iterator[None]:
+    """The Prefect API that the flow and its Dask workers report to: ``PREFECT_API_URL`` when set; else
+    Prefect's temporary server, started here, its URL in the settings the task runner sends each task
+    (a worker would otherwise start a temporary server of its own)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    server = SubprocessASGIServer()  # the one the flow's own client would start (one per process)
+    server.start()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
+
+
 def dask_runner(address: str | None = None, workers: int = 2):
     """``prefect_dask.DaskTaskRunner`` on the scheduler at ``address``, else on a new LocalCluster of
     ``workers`` processes (one thread each) that lives as long as the flow run."""
@@ -79,10 +96,10 @@ def resolve(config: str, overrides: list[str], out: str, force: bool) -> tuple[R
     cfg, file = resolve_config(config, overrides)
     log.info("config %s with overrides %s, resolved:\n%s", file, list(overrides) or "(none)", config_yaml(cfg))
     out = resolve_out(out, name=cfg.name)
-    if not force and own_partial_run(out):
-        log.warning("retry of this flow run: %s holds its own earlier, unfinished attempt; starting it over", out)
-        force = True
-    preflight(cfg, out, force, force_name="force=true (the CLI: --force)")
+    resume = not force and own_partial_run(out)
+    if resume:  # train-model continues it from its last boundary checkpoint
+        log.warning("retry of this flow run: %s holds its own earlier, unfinished attempt; continuing it", out)
+    preflight(cfg, out, force, force_name="force=true (the CLI: --force)", resume=resume)
     log.info("run directory %s", out)
     return cfg, out, force, {"file": str(file), "overrides": list(overrides)}
 

@@ -106,6 +106,10 @@ def prefect_server() -> Iterator[str]:
         print(f"[flow tests] prefect server up in {time.monotonic() - t0:.1f} s; PREFECT_HOME={_HOME}", flush=True)
         yield api
     finally:
+        if "prefect" in sys.modules:  # send the last queued log lines while the server still listens
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)
         _stop(proc)
 
 

@@ -19,6 +19,7 @@ from dvemb.errors import StoreError
 from dvemb.store.rundir import RunExistsError
 from flows.common import permanent, resolve_out, transient
 from flows.pipeline import pipeline, resolve
+from flows.train import train_model
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -98,24 +99,26 @@ def test_permanent_errors_are_not_retried() -> None:
         assert transient(None, None, Failed(data=exc)) is True, exc
 
 
-def test_a_retry_takes_over_its_own_unfinished_run_directory(tmp_path: Path) -> None:
-    """UI Retry / a flow retry of the same run: its first attempt left run.json in out; the retry does
-    not fail with "exists" (and would for any other run: see the test above)."""
+def test_a_retry_continues_its_own_run_directory(tmp_path: Path) -> None:
+    """UI Retry / a flow retry of the same run: its first attempt trained into out, then the process died;
+    the retry does not fail with "exists" (any other run would: see above) nor start over: it continues
+    the run it owns (training resumes from its last checkpoint; here there is nothing left to train)."""
     out = tmp_path / "run"
+    trained: list[dict[str, int]] = []
 
     @flow(retries=1, retry_delay_seconds=0)
     def attempt() -> str:
-        cfg, run, force, _ = resolve(str(DIGITS), TINY, str(out), False)
-        if not force:  # the first attempt: leave a started run behind, then crash
-            Path(run, "run.json").write_text('{"status": "training", "boundaries": [0, 5]}')
-            Path(run, "checkpoints").mkdir()
-            Path(run, "checkpoints", "step-000000.safetensors").write_bytes(b"x")
-            raise OSError("worker lost")
+        cfg, run, force, _ = resolve(str(DIGITS), [*TINY, "train.epochs=1"], str(out), False)
+        train_model(cfg, run, force)
+        trained.append({p.name: p.stat().st_mtime_ns for p in (out / "checkpoints").glob("*.safetensors")})
+        if len(trained) == 1:
+            raise OSError("worker lost")  # after training: the retry must keep what was trained
         return run
 
     state = attempt(return_state=True)
     assert state.is_completed(), state.message
-    assert state.result() == str(out) and not any(out.iterdir())  # emptied for the second attempt
+    assert state.result() == str(out) and len(trained) == 2
+    assert trained[0] and trained[1] == trained[0]  # the same checkpoint files: continued, not retrained
 
 
 def test_out_placeholders_are_filled(tmp_path: Path) -> None:
