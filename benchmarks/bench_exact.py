@@ -195,6 +195,11 @@ def timed_run(cfg, run: RunDir):
     return traj, scores, timing
 
 
+def phase_cells(first: dict, last: dict) -> str:
+    """'Spearman / Pearson / scale' of the first and of the last epoch, as two table cells."""
+    return " | ".join(f"{m['spearman']:.3f} / {m['pearson']:.3f} / {m['scale']:.2f}" for m in (first, last))
+
+
 def table(results: list[dict], costs: list[dict] = ()) -> str:
     lines = [
         "| regime | projection | estimator | first epoch: Spearman / Pearson / scale "
@@ -204,11 +209,8 @@ def table(results: list[dict], costs: list[dict] = ()) -> str:
     for r in results:
         first, last = r["phases"]["first"], r["phases"]["last"]
         for est in first["estimators"]:
-            f, la = first["estimators"][est], last["estimators"][est]
-            lines.append(
-                f"| {r['regime']} | {r['projection']} | {est} | {f['spearman']:.3f} / {f['pearson']:.3f} / "
-                f"{f['scale']:.2f} | {la['spearman']:.3f} / {la['pearson']:.3f} / {la['scale']:.2f} |"
-            )
+            cells = phase_cells(first["estimators"][est], last["estimators"][est])
+            lines.append(f"| {r['regime']} | {r['projection']} | {est} | {cells} |")
     lines += [
         "",
         "| regime | steps | exact sweep / forward replay | exact sweep / Lightning training |",

@@ -50,7 +50,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # dattri-llm draws tqdm bars
 import numpy as np
 import torch
 
-from benchmarks.bench_exact import BASE, PROJECTIONS, REGIMES, ROOT, phase_metrics
+from benchmarks.bench_exact import BASE, PROJECTIONS, REGIMES, ROOT, phase_cells, phase_metrics
 from benchmarks.common import RESULTS, machine_info, replace_doc_block, write_json_atomic
 from dvemb.config import load_config
 from dvemb.eval.groundtruth import choose_points, tsloo_points
@@ -261,10 +261,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         first, last = r["phases"]["first"], r["phases"]["last"]
         for est in first["estimators"]:
-            f, la = first["estimators"][est], last["estimators"][est]
             lines.append(
-                f"| {r['regime']} | {est} | {f['spearman']:.3f} / {f['pearson']:.3f} / {f['scale']:.2f} | "
-                f"{la['spearman']:.3f} / {la['pearson']:.3f} / {la['scale']:.2f} |"
+                f"| {r['regime']} | {est} | {phase_cells(first['estimators'][est], last['estimators'][est])} |"
             )
     lines += [
         "",
