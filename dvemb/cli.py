@@ -194,14 +194,16 @@ def run(
             # no network here; and a first start on a fresh machine migrates SQLite (slow on 2 cores)
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
             os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-            from flows.pipeline import check_scheduler, dask_runner, pipeline
+            from flows.pipeline import check_scheduler, dask_runner, pipeline, shared_api
 
-            flow = pipeline
-            if engine == "dask":
+            params = {"config": str(config), "overrides": list(sets or []), "out": str(out), "force": force}
+            if engine == "prefect":
+                pipeline(**params)
+            else:
                 if address is not None:
                     check_scheduler(address)  # before anything is written
-                flow = pipeline.with_options(task_runner=dask_runner(address, workers))
-            flow(config=str(config), overrides=list(sets or []), out=str(out), force=force)
+                with shared_api():
+                    pipeline.with_options(task_runner=dask_runner(address, workers))(**params)
         else:
             from dvemb.pipeline import run_local
 

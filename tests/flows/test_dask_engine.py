@@ -4,6 +4,9 @@ the embedding segments and the scoring run on its workers, and the scores equal 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,3 +80,23 @@ def test_address_that_does_not_answer(tmp_path: Path) -> None:
     assert "Traceback" not in res.output
     assert took < 20, took
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_default_local_cluster_from_the_command_line(tmp_path: Path) -> None:
+    """``dvemb -v run --engine dask`` as a user types it (a subprocess, no PREFECT_API_URL): the flow makes
+    its own 2-process LocalCluster; one temporary Prefect server (this process's), which the workers report
+    to (none of their own); the scores equal ``--engine local``'s."""
+    sets = [a for s in SETS for a in ("--set", s)]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    logs = {}
+    for name in ("local", "dask"):
+        cmd = [str(Path(sys.executable).parent / "dvemb"), "-v", "run", str(DIGITS), "--out", str(tmp_path / name)]
+        res = subprocess.run([*cmd, *sets, "--engine", name], capture_output=True, text=True, timeout=600, env=env)
+        assert res.returncode == 0, res.stderr[-4000:]
+        logs[name] = res.stdout + res.stderr
+    assert "Creating a new Dask cluster" in logs["dask"] and "Creating a new Dask cluster" not in logs["local"]
+    assert logs["dask"].count("Starting temporary server") == 1, logs["dask"][-4000:]
+    assert logs["dask"].count("Task run 'embed-segment-") == 3
+    for rel in ("scores/occurrences.parquet", "scores/samples.parquet"):
+        assert (tmp_path / "local" / rel).read_bytes() == (tmp_path / "dask" / rel).read_bytes(), rel
