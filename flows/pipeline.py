@@ -15,6 +15,7 @@ Tasks exchange run-directory paths, never tensors: the workers need the run dire
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
@@ -49,17 +50,42 @@ class ClusterError(DvembError):
 def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT_S) -> int:
     """Connect to the Dask scheduler at ``address`` (``tcp://host:port``) within ``timeout`` seconds;
     returns its number of workers. ClusterError names the address when it is malformed or does not answer."""
-    from distributed import Client
+    import socket
+
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+
+    def fail(why: str) -> ClusterError:
+        return ClusterError(
+            f"--address {address!r}: {why}; give a running Dask scheduler's tcp://host:port, "
+            "or leave --address out for a local cluster"
+        )
 
     try:
-        with Client(address, timeout=timeout, set_as_default=False) as client:
-            return len(client.nthreads())
-    except Exception as e:  # noqa: BLE001 - any failure to reach it is the same error for the user
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ClusterError(
-            f"--address {address!r}: no Dask scheduler answered within {timeout:g} s ({why}); "
-            "give a running scheduler's tcp://host:port, or leave --address out for a local cluster"
-        ) from None
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location)
+    except ValueError as e:
+        raise fail(f"not a scheduler address ({e})") from None
+    if scheme != "tcp":
+        raise fail(f"scheme {scheme!r}; only tcp:// is supported")
+    try:  # a port nobody listens on fails here at once
+        socket.create_connection((host, port), timeout=timeout).close()
+        info = asyncio.run(asyncio.wait_for(_identity(address, timeout), timeout))
+    except (OSError, TimeoutError) as e:
+        raise fail(f"no Dask scheduler answered within {timeout:g} s ({e or type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - whatever the reply was, it is not a scheduler's
+        raise fail(f"something answers there, but not a Dask scheduler ({type(e).__name__})") from None
+    if not isinstance(info, dict) or info.get("type") != "Scheduler":
+        raise fail("something answers there, but not a Dask scheduler")
+    return len(info.get("workers", {}))
+
+
+async def _identity(address: str, timeout: float) -> dict:
+    """The scheduler's ``identity`` (type, workers, ...) over one short-lived connection."""
+    from distributed.core import rpc
+
+    async with rpc(address, timeout=timeout) as r:
+        return await r.identity()
 
 
 @contextmanager

@@ -69,14 +69,17 @@ def test_dask_cluster_runs_the_tasks_and_matches_local(cluster: tuple, tmp_path:
     assert any(r["key"].startswith("score_occurrences") for r in stream), ran
 
 
-def test_address_that_does_not_answer(tmp_path: Path) -> None:
-    """Nothing listens on the port: exit 2 within seconds, one line naming the address, nothing written."""
-    address = f"tcp://127.0.0.1:{_free_port()}"
+@pytest.mark.parametrize("kind", ["closed port", "no port"])
+def test_address_that_does_not_answer(tmp_path: Path, kind: str) -> None:
+    """Nothing listens on the port (or the address has none): exit 2 within seconds, one line naming the
+    address, nothing written."""
+    address = f"tcp://127.0.0.1:{_free_port()}" if kind == "closed port" else "127.0.0.1"
     t0 = time.monotonic()
     res = dvemb_run(tmp_path / "r", "--address", address)
     took = time.monotonic() - t0
     assert res.exit_code == 2, res.output
-    assert address in res.output and "no Dask scheduler answered" in res.output
+    assert f"--address {address!r}" in res.output
+    assert ("no Dask scheduler answered" if kind == "closed port" else "not a scheduler address") in res.output
     assert "Traceback" not in res.output
     assert took < 20, took
     assert not (tmp_path / "r").exists()
