@@ -11,7 +11,9 @@ Ground truth: exact TSLOO (one occurrence removed, the recorded trajectory repla
 optimizer, dvemb.eval.groundtruth) for ``--points`` occurrences of the FIRST epoch and as many of the
 LAST epoch. Estimators, all scored at the final checkpoint:
 
-* ``exact`` — score.mode exact (one reverse sweep through the optimizer's step map);
+* ``exact`` — score.mode exact (one reverse sweep through the optimizer's step map; for AdamW the
+  removal step taken exactly, ``score.removal: auto``); ``exact-first-order`` — the same sweep with
+  the removal linearised too (``score.removal: linear``; reported where the two differ);
 * ``sgd-proxy-empirical`` / ``sgd-proxy-fisher-model`` — the SGD recursion of the embedding / direct
   modes on the captured gradients (what dvemb did with every optimizer before the replay scorer),
   unprojected and at 32x32;
@@ -42,7 +44,7 @@ from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
 from dvemb.eval.groundtruth import choose_points, tsloo_points
 from dvemb.eval.metrics import pearson, spearman
-from dvemb.replay.exact import exact_scores
+from dvemb.replay.exact import exact_scores, removal_is_step
 from dvemb.replay.trajectory import load_trajectory, replay_range
 from dvemb.score.adam import adam_aware, adam_occurrence_scores
 from dvemb.score.run import val_vectors
@@ -124,8 +126,9 @@ def run_regime(name: str, projection: str, points: int, workdir: Path, quick: bo
     cfg = load_config(ROOT / "configs" / "digits_mlp.yaml", sets)
     run = RunDir(workdir / f"{name}-{projection}")
     traj, scores, timing = timed_run(cfg, run)
-    exact = scores[traj.boundaries[-1]]
-    estimates = {"exact": exact} if projection == "full" else {}
+    estimates = {"exact": scores[traj.boundaries[-1]]} if projection == "full" else {}
+    if projection == "full" and removal_is_step(traj.spec, "auto"):
+        estimates["exact-first-order"] = exact_scores(traj, removal="linear")[traj.boundaries[-1]]
     estimates["sgd-proxy-empirical"] = sgd_proxy(run, cfg, "empirical", "layer")
     estimates["sgd-proxy-fisher-model"] = sgd_proxy(run, cfg, "fisher", "model")
     if adam_aware(run):

@@ -162,6 +162,11 @@ class ScoreConfig(Section):
     replay_dtype: Literal["recorded", "float64"] = Field(
         "recorded", description="exact mode: replay in the dtype the run was trained in, or in float64"
     )
+    removal: Literal["auto", "linear", "step"] = Field(
+        "auto",
+        description="exact mode: remove an occurrence to first order (linear), or take its removal step exactly "
+        "and the rest to first order (step: per-sample gradients of each batch); auto = step for AdamW or clipping",
+    )
 
 
 class CurateConfig(Section):

@@ -4,6 +4,10 @@ Independent reference: every loss weight w_{t,z} is a leaf, the whole trajectory
 ``create_graph=True`` through the same optimizer step map, and ``autograd`` differentiates the final
 validation loss w.r.t. all of them at once. The sweep (segment-wise recomputation, VJP of the step map,
 one double-backward per step) must give -w * df/dw for every occurrence to 1e-9 relative.
+
+With ``removal="step"`` the removal step is taken exactly and the rest to first order: the score is the
+derivative of f(theta_c) along the exact one-step state change, checked by finite differences of the replay
+started from the perturbed state.
 """
 
 import pytest
@@ -81,7 +85,7 @@ def unrolled_scores(traj: Trajectory, c: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 def test_sweep_equals_unrolled_autograd(opt, clip):
     traj = make_trajectory(opt, clip)
-    got = exact_scores(traj, at=[9, 14])
+    got = exact_scores(traj, at=[9, 14], removal="linear")
     for c in (9, 14):
         want = torch.cat(unrolled_scores(traj, c))
         have = torch.cat(got[c])
@@ -94,7 +98,7 @@ def test_sweep_equals_unrolled_autograd(opt, clip):
 def test_sweep_matches_finite_differences_of_the_replay(opt):
     """Shrinking one occurrence's weight by a factor (1 - eps) and replaying moves f by eps * score."""
     traj = make_trajectory(opt, 0.5)
-    scores = exact_scores(traj)[14]
+    scores = exact_scores(traj, removal="linear")[14]
     eps = 1e-5
     base = float(traj.val_loss(traj.checkpoints[14]))
     for t, pos in [(0, 1), (6, 0), (13, 3)]:
@@ -105,3 +109,63 @@ def test_sweep_matches_finite_differences_of_the_replay(opt):
             params, state = traj.step(params, state, k, w if k == t else None)
         fd = (float(traj.val_loss(params)) - base) / eps
         assert fd == pytest.approx(float(scores[t][pos]), rel=1e-3), (opt, t)
+
+
+def replay_from(traj: Trajectory, params, state, first: int, stop: int):
+    for k in range(first, stop):
+        params, state = traj.step(params, state, k)
+    return params, state
+
+
+@pytest.mark.parametrize("opt", ["sgd-wd", "momentum-nesterov", "momentum-dampening"])
+def test_step_removal_equals_linear_where_the_step_is_linear_in_the_gradient(opt):
+    """Without clipping an SGD step is affine in g: the exact removal step IS the first-order one."""
+    traj = make_trajectory(opt, None)
+    lin, step = exact_scores(traj, removal="linear")[14], exact_scores(traj, removal="step")[14]
+    want, have = torch.cat(lin), torch.cat(step)
+    assert torch.allclose(have, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize(("opt", "clip"), [("adamw", None), ("adamw", 0.5), ("sgd-wd", 0.5)])
+def test_step_removal_is_the_derivative_along_the_exact_removal_step(opt, clip):
+    """score(t, z) = d/de f(Phi(s_{t+1} + e (s'_{t+1} - s_{t+1})))|_0, s' the replayed step without z:
+    finite differences of the replay (rel 1e-3); at the last step with an objective linear in theta it
+    is the exact TSLOO (1e-10)."""
+    traj = make_trajectory(opt, clip)
+    scores = exact_scores(traj, removal="step")[14]
+    assert not torch.allclose(torch.cat(scores), torch.cat(exact_scores(traj, removal="linear")[14]), rtol=1e-3)
+    base = float(traj.val_loss(traj.checkpoints[14]))
+    eps = 1e-6
+    for t, pos in [(0, 1), (6, 0), (12, 3)]:
+        p0, s0 = replay_from(traj, traj.checkpoints[0], traj.opt_states[0], 0, t)
+        p1, s1 = traj.step(p0, s0, t)
+        w = traj.steps[t].weights.clone()
+        w[pos] = 0
+        p2, s2 = traj.step(p0, s0, t, w)
+        pe = {k: p1[k] + eps * (p2[k] - p1[k]) for k in p1}
+        se = {k: s1[k] + eps * (s2[k] - s1[k]) if not k.endswith("::step") else s1[k] for k in s1}
+        fd = (float(traj.val_loss(replay_from(traj, pe, se, t + 1, 14)[0])) - base) / eps
+        assert fd == pytest.approx(float(scores[t][pos]), rel=1e-3), (opt, t)
+    u = {
+        k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=v.dtype)
+        for k, v in traj.checkpoints[14].items()
+    }
+
+    def linear(params):
+        return sum((u[k] * params[k]).sum() for k in u)
+
+    last = exact_scores(traj, objective=linear, removal="step")[14][13]
+    p0, s0 = replay_from(traj, traj.checkpoints[0], traj.opt_states[0], 0, 13)
+    p1 = traj.step(p0, s0, 13)[0]
+    for pos in range(len(last)):
+        w = traj.steps[13].weights.clone()
+        w[pos] = 0
+        tsloo = float(linear(traj.step(p0, s0, 13, w)[0]) - linear(p1))
+        assert float(last[pos]) == pytest.approx(tsloo, rel=1e-10, abs=1e-14)
+
+
+def test_auto_removal_takes_the_exact_step_for_adamw_and_clipping():
+    from dvemb.replay.exact import removal_is_step
+
+    for opt, clip, want in [("adamw", None, True), ("sgd-wd", 0.5, True), ("momentum-nesterov", None, False)]:
+        assert removal_is_step(make_trajectory(opt, clip).spec, "auto") is want

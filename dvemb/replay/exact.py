@@ -11,7 +11,15 @@ gradient ``g_t = grad_theta sum_z w_{t,z} l_z(theta_t)`` and F the optimizer's s
     df/dw_{t,z} = <c_t, grad l_z(theta_t)>
 
 Removing occurrence (t, z) sets w_{t,z} to 0, so its score (the first-order trajectory-specific
-leave-one-out, positive = the occurrence helped) is ``f(theta'_c) - f(theta_c) ≈ -w_{t,z} <c_t, grad l_z>``.
+leave-one-out, positive = the occurrence helped) is ``f(theta'_c) - f(theta_c) ≈ -w_{t,z} <c_t, grad l_z>``
+(``removal="linear"``). Where the step map is not linear in the gradient (AdamW's normalisation, clipping),
+``removal="step"`` takes the removal step itself exactly and only the rest of training to first order::
+
+    score(t, z) = <a_{t+1}, F_t(s_t, g_t - w_{t,z} grad l_z) - F_t(s_t, g_t)>
+
+(per-sample gradients of the step's batch, the step map evaluated once per occurrence in float64). Early
+AdamW steps, where the second moment is still small, are where the two differ: removing one sample can
+flip a coordinate's update, which no derivative sees (docs/RESULTS.md, bench_exact).
 ``H_t c_t`` and every ``<c_t, grad l_z>`` of the batch come from ONE double-backward pass: with the weights
 w as a leaf, ``d<g_t, c_t>/dtheta = H_t c_t`` and ``d<g_t, c_t>/dw_z = <grad l_z, c_t>`` — no per-sample
 gradient is ever formed, and every parameter of every layer type counts exactly.
@@ -26,14 +34,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dvemb.replay.optim import Params, State, optimizer_step
+from dvemb.replay.optim import SEP, OptimizerSpec, Params, State, optimizer_step
 from dvemb.replay.trajectory import Trajectory, check_boundary
 
 log = logging.getLogger(__name__)
+Removal = Literal["auto", "linear", "step"]
 
 
 @dataclass
@@ -50,11 +60,14 @@ def exact_scores(
     objective: Callable[[Params], torch.Tensor] | None = None,
     verify: bool = True,
     progress: Callable[[int], None] | None = None,
+    removal: Removal = "auto",
 ) -> dict[int, list[torch.Tensor]]:
     """First-order TSLOO of every occurrence for the validation objective at each checkpoint in ``at``.
 
     at: boundary steps (default: the last, T). objective: f(theta) (default: mean validation loss).
     verify: check every forward replay against the next recorded boundary (ReplayError, nothing returned).
+    removal: "linear" (first order in the removed weight), "step" (the removal step exact), "auto" (step
+    where the step map is not linear in the gradient: AdamW or clipping).
     Returns ``{c: [scores of step t: [B_t] float64, for t < c]}``; positive = the occurrence lowered f(theta_c).
     """
     bounds = traj.boundaries
@@ -62,6 +75,7 @@ def exact_scores(
     if any(c not in bounds or c == 0 for c in at):
         raise ValueError(f"checkpoints {at} must be segment boundaries after step 0 ({bounds[1:]})")
     f = objective or traj.val_loss
+    exact_step = removal_is_step(traj.spec, removal)
     out: dict[int, list[torch.Tensor]] = {c: [torch.empty(0)] * c for c in at}
     adjoints: dict[int, _Adjoint] = {}
     for a, b in reversed(list(zip(bounds[:-1], bounds[1:]))):
@@ -79,7 +93,7 @@ def exact_scores(
             adjoints[b] = _Adjoint(dict(zip(trained, grad)), {})
         for t in range(b - 1, a - 1, -1):
             with sdpa_kernel([SDPBackend.MATH]):  # the fused attention kernels have no double backward
-                adjoints, scores = _reverse_step(traj, t, *states[t - a], adjoints)
+                adjoints, scores = _reverse_step(traj, t, *states[t - a], adjoints, exact_step)
             states[t - a + 1] = None  # free theta_{t+1}: peak memory stays one segment
             for c, sc in scores.items():
                 out[c][t] = sc
@@ -88,8 +102,20 @@ def exact_scores(
     return out
 
 
+def _carried(state: State) -> list[str]:
+    """The optimizer-state entries the adjoint carries (floating tensors; not Adam's step count)."""
+    return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(f"{SEP}step")]
+
+
+def removal_is_step(spec: OptimizerSpec, removal: Removal) -> bool:
+    """Whether occurrences are removed by an exact step (see the module docstring)."""
+    if removal == "auto":
+        return spec.kind == "adamw" or spec.grad_clip is not None
+    return removal == "step"
+
+
 def _reverse_step(
-    traj: Trajectory, t: int, params: Params, state: State, adjoints: dict[int, _Adjoint]
+    traj: Trajectory, t: int, params: Params, state: State, adjoints: dict[int, _Adjoint], exact_step: bool = False
 ) -> tuple[dict[int, _Adjoint], dict[int, torch.Tensor]]:
     """One step of the sweep for every active adjoint: the adjoints a_t and the step's occurrence scores [B]."""
     spec, hyper = traj.spec, traj.steps[t].hyper
@@ -97,11 +123,14 @@ def _reverse_step(
     w = traj.steps[t].weights.detach().clone().requires_grad_(True)
     trained = traj.trained(p)
     names = list(trained)
-    g = torch.autograd.grad(traj.batch_loss(p, t, w), [trained[k] for k in names], create_graph=True)
+    losses = traj.losses(p, traj.steps[t].batch)
+    g = torch.autograd.grad((w * losses).sum(), [trained[k] for k in names], create_graph=True)
+    if exact_step:
+        removed = _removal_steps(traj, t, params, state, losses, [trained[k] for k in names], g, w.detach())
     # the optimizer's step map on fresh leaves: its VJP gives d/dtheta, d/dstate and c_t = d/dg
     p_leaf = {k: trained[k].detach().requires_grad_(True) for k in names}
     g_leaf = {k: gk.detach().requires_grad_(True) for k, gk in zip(names, g)}
-    s_in = [k for k, v in state.items() if v.is_floating_point() and not k.endswith("::step")]
+    s_in = _carried(state)
     s_leaf = {k: v.detach().requires_grad_(k in s_in) for k, v in state.items()}
     new_p, new_s = optimizer_step(spec, p_leaf, s_leaf, g_leaf, hyper)
     s_out = [k for k, v in new_s.items() if v.requires_grad]
@@ -121,5 +150,45 @@ def _reverse_step(
             {k: d[i] + (hc[i] if hc[i] is not None else 0) for i, k in enumerate(names)},
             {k: v for k, v in zip(s_in, d[2 * n :])},
         )
-        scores[c] = (-(w.detach() * dots)).to(torch.float64).detach()
+        if exact_step:
+            scores[c] = sum((removed[k] * adj.params[k].to(torch.float64)).flatten(1).sum(1) for k in names) + sum(
+                (removed[k] * adj.state[k].to(torch.float64)).flatten(1).sum(1) for k in adj.state if k in removed
+            )
+        else:
+            scores[c] = (-(w.detach() * dots)).to(torch.float64).detach()
     return new_adj, scores
+
+
+def _removal_steps(
+    traj: Trajectory,
+    t: int,
+    params: Params,
+    state: State,
+    losses: torch.Tensor,
+    leaves: list[torch.Tensor],
+    g: Sequence[torch.Tensor],
+    w: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """F_t(s_t, g_t - w_z grad l_z) - F_t(s_t, g_t) for every occurrence z of step t, in float64:
+    ``{parameter or state key: [B, *shape]}`` (state keys that the step does not change are left out)."""
+    spec, hyper = traj.spec, traj.steps[t].hyper
+    names = list(traj.trained(params))
+    b = len(losses)
+    per_sample = torch.autograd.grad(
+        losses, leaves, torch.eye(b, dtype=losses.dtype), retain_graph=True, is_grads_batched=True
+    )  # [B, *shape] per parameter
+    f64 = torch.float64
+    p64 = {k: v.detach().to(f64) for k, v in params.items()}
+    s64 = {k: v.detach().to(f64) if v.is_floating_point() else v for k, v in state.items()}
+    g64 = {k: gk.detach().to(f64) for k, gk in zip(names, g)}
+    base_p, base_s = optimizer_step(spec, p64, s64, g64, hyper)
+
+    def removed(wz: torch.Tensor, *gz: torch.Tensor) -> dict[str, torch.Tensor]:
+        grads = {k: g64[k] - wz * gzk.to(f64) for k, gzk in zip(names, gz)}
+        new_p, new_s = optimizer_step(spec, p64, s64, grads, hyper)
+        diff = {k: new_p[k] - base_p[k] for k in names}
+        diff.update({k: new_s[k] - base_s[k] for k in _carried(new_s)})
+        return diff
+
+    with torch.no_grad():
+        return torch.func.vmap(removed)(w.to(f64), *per_sample)

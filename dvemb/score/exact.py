@@ -9,7 +9,7 @@ import torch
 
 from dvemb.config import RunConfig
 from dvemb.errors import DvembError
-from dvemb.replay.exact import exact_scores
+from dvemb.replay.exact import exact_scores, removal_is_step
 from dvemb.replay.trajectory import load_trajectory
 from dvemb.store.rundir import RunDir
 
@@ -23,9 +23,13 @@ def exact_occurrences(run: RunDir, cfg: RunConfig) -> pl.DataFrame:
     bounds = traj.boundaries
     at = bounds[1:] if cfg.score.checkpoints else [bounds[-1]]
     log.info(
-        "exact scores: reverse sweep over %d steps, %d segment(s), checkpoints %s", traj.num_steps, len(bounds) - 1, at
+        "exact scores: reverse sweep over %d steps, %d segment(s), checkpoints %s, %s removal",
+        traj.num_steps,
+        len(bounds) - 1,
+        at,
+        "exact-step" if removal_is_step(traj.spec, cfg.score.removal) else "first-order",
     )
-    scores = exact_scores(traj, at)
+    scores = exact_scores(traj, at, removal=cfg.score.removal)
     frames = []
     for c in at:
         s = torch.cat(scores[c])
