@@ -85,10 +85,22 @@ def _config(path: Path, sets: list[str]) -> RunConfig:
     return load_config(path, sets or [])
 
 
-def _run_dir(run: Path):
+def _run_dir(run: str | Path):
     from dvemb.store.rundir import RunDir
 
     return RunDir(run)
+
+
+RunArg = Annotated[str, typer.Argument(help="run directory: a path, or a URI (s3://bucket/prefix/run, gs://…)")]
+
+
+@contextmanager
+def _staged(run: str, **kw) -> Iterator[Path]:
+    """The local run directory of ``run`` (a path, or the synced copy of a remote URI; dvemb.store.remote)."""
+    from dvemb.store.remote import staged
+
+    with staged(run, **kw) as root:
+        yield root
 
 
 class _OneLineErrors(logging.Filter):
@@ -136,7 +148,7 @@ def _stage_display(engine: str) -> Iterator[None]:
         yield
 
 
-def _run_config(config: Path | None, out: Path | None, sets: list[str], force: bool, resume: bool) -> RunConfig:
+def _run_config(config: Path | None, out: str | None, sets: list[str], force: bool, resume: bool) -> RunConfig:
     """The config to run: CONFIG with ``--set``, or (``--resume`` without CONFIG) the one in OUT/run.json."""
     if resume and force:
         raise DvembError("--resume and --force: choose one (--force deletes the run and starts it over)")
@@ -148,13 +160,17 @@ def _run_config(config: Path | None, out: Path | None, sets: list[str], force: b
         raise DvembError("--resume without CONFIG needs --out RUN: the run directory to continue")
     from dvemb.pipeline import config_of
 
-    return config_of(_run_dir(out), sets or [])
+    with _staged(out) as root:
+        return config_of(_run_dir(root), sets or [])
 
 
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="YAML run config")] = None,
-    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<name>)")] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(help="run directory (default runs/<name>): a path, or a URI: s3://bucket/prefix/run, gs://…"),
+    ] = None,
     sets: Sets = None,
     force: Force = False,
     engine: Annotated[
@@ -183,7 +199,7 @@ def run(
             engine = "dask"
         cfg = _run_config(config, out, sets, force, resume)
         check_config(cfg)
-        out = out or Path("runs") / cfg.name
+        out = out or str(Path("runs") / cfg.name)
         resumable["out"] = out
         if resume and engine != "local":
             raise DvembError(
@@ -207,18 +223,19 @@ def run(
         else:
             from dvemb.pipeline import run_local
 
-            run_local(cfg, out, force=force, resume=resume)
-    with _handled():
+            with _staged(out, new=True, force=force, resume=resume) as root:
+                run_local(cfg, root, force=force, resume=resume)
+    with _handled(), _staged(out) as root:
         from dvemb.summary import render
 
-        console.print(render(_run_dir(out)))
+        console.print(render(_run_dir(root)))
     console.print(f"[green]done:[/] {escape(str(out))}")
 
 
 @app.command()
 def train(
     config: Annotated[Path | None, typer.Argument()] = None,
-    out: Annotated[Path | None, typer.Option()] = None,
+    out: Annotated[str | None, typer.Option(help="run directory: a path or a URI (s3://…)")] = None,
     sets: Sets = None,
     force: Force = False,
     resume: Resume = False,
@@ -233,13 +250,14 @@ def train(
         quiet_frameworks()
         cfg = _run_config(config, out, sets, force, resume)
         check_config(cfg)
-        resumable["out"] = out = out or Path("runs") / cfg.name
-        train_stage(cfg, _run_dir(out), force=force, resume=resume)
+        resumable["out"] = out = out or str(Path("runs") / cfg.name)
+        with _staged(out, new=True, force=force, resume=resume) as root:
+            train_stage(cfg, _run_dir(root), force=force, resume=resume)
 
 
 @app.command()
 def embed(
-    run_dir: Path,
+    run_dir: RunArg,
     segment: Annotated[list[int] | None, typer.Option(help="segment(s) to embed (default all)")] = None,
     sets: Sets = None,
 ) -> None:
@@ -248,8 +266,8 @@ def embed(
     from dvemb.embed.run import embed_segment
     from dvemb.pipeline import config_of
 
-    with _handled():
-        run = _run_dir(run_dir)
+    with _handled(), _staged(run_dir) as root:
+        run = _run_dir(root)
         cfg = config_of(run, sets or [])
         todo = check_segment_index(run, segment or range(len(run.boundaries) - 1))
         for j in track(todo, description="embedding segments", console=console):
@@ -257,43 +275,70 @@ def embed(
 
 
 @app.command()
-def score(run_dir: Path, sets: Sets = None) -> None:
+def score(run_dir: RunArg, sets: Sets = None) -> None:
     """Score every occurrence against the validation set (final and intermediate checkpoints)."""
     from dvemb.pipeline import config_of
     from dvemb.score.run import score as score_stage
 
-    with _handled():
-        run = _run_dir(run_dir)
+    with _handled(), _staged(run_dir) as root:
+        run = _run_dir(root)
         console.print(score_stage(run, config_of(run, sets or [])))
 
 
 @app.command()
-def curate(run_dir: Path, sets: Sets = None) -> None:
+def curate(run_dir: RunArg, sets: Sets = None) -> None:
     """Curated training table and plan for the next run."""
     from dvemb.curate.run import curate as curate_stage
     from dvemb.pipeline import config_of
 
-    with _handled():
-        run = _run_dir(run_dir)
+    with _handled(), _staged(run_dir) as root:
+        run = _run_dir(root)
         console.print(curate_stage(run, config_of(run, sets or [])))
 
 
 STAGES = ("train", "embed", "score", "curate")
 
 
+def _status_root(run_dir: str) -> Path:
+    """The folder ``dvemb status`` checks: the path, or the staged copy of a remote run (pulled; nothing pushed)."""
+    from dvemb.store import remote
+
+    if not remote.is_remote(run_dir):
+        return remote.local_path(run_dir)
+    store = remote.Remote.open(run_dir)
+    root = remote.staging_dir(run_dir)
+    remote.pull(store, root)
+    return root
+
+
 @app.command()
 def status(
-    run_dir: Path,
+    run_dir: RunArg,
     quick: Annotated[bool, typer.Option("--quick", help="check sizes and headers only, not sha256")] = False,
 ) -> None:
     """Which stages of a run are complete, and whether its files are intact (sha256 vs manifest.json).
 
+    A remote run (URI): every object its manifest.json lists is read in the store and checked (size; sha256
+    unless --quick), then the staged local copy is checked as a local run is.
     Exits 2 when a file is damaged or the folder is not a run directory; 0 otherwise."""
     from dvemb.errors import DamagedFileError, StoreError
-    from dvemb.store import integrity
+    from dvemb.store import integrity, remote
 
     with _handled():
-        run = _run_dir(run_dir)
+        if remote.is_remote(run_dir):
+            store = remote.Remote.open(run_dir)
+            bad_remote = store.verify(deep=not quick)
+            for name, why in bad_remote.items():
+                console.print(f"[bold red]damaged[/] {escape(name)}: {escape(why)}")
+            if bad_remote:
+                raise typer.Exit(2)
+            unlisted = store.unlisted()
+            if unlisted:
+                console.print(
+                    f"[yellow]unlisted[/] {len(unlisted)} object(s) manifest.json does not list (an unfinished "
+                    f"push or stage; not part of the run): {escape(', '.join(unlisted[:5]))}"
+                )
+        run = _run_dir(_status_root(run_dir))
         if not run.root.is_dir():
             raise StoreError(f"{run.root}: no such run directory")
         if not run.run_json.exists():
@@ -342,7 +387,7 @@ def status(
 
 @app.command()
 def gc(
-    run_dir: Path,
+    run_dir: RunArg,
     drop_grads: Annotated[
         bool,
         typer.Option(
@@ -356,8 +401,8 @@ def gc(
     gradient store when the embeddings are kept (docs/SCALE.md)."""
     from dvemb.store.gc import gc as gc_run
 
-    with _handled():
-        gone = gc_run(_run_dir(run_dir), drop_grads=drop_grads, dry_run=dry_run)
+    with _handled(), _staged(run_dir) as root:
+        gone = gc_run(_run_dir(root), drop_grads=drop_grads, dry_run=dry_run)
         verb = "would drop" if dry_run else "dropped"
         for rel, e in gone.items():
             console.print(f"{verb} {escape(rel)} ({e['bytes']:,} bytes): {escape(e['why'])}")
@@ -380,7 +425,7 @@ def data_fetch(
 
 @app.command()
 def groundtruth(
-    run_dir: Path,
+    run_dir: RunArg,
     points: Annotated[int, typer.Option(help="occurrences whose exact TSLOO is computed")] = 200,
     seed: Annotated[int, typer.Option(help="seed of the draw of points/samples")] = 0,
     last_epoch: Annotated[bool, typer.Option("--last-epoch", help="draw the points from the last epoch only")] = False,
@@ -394,6 +439,6 @@ def groundtruth(
     AdamW): RUN/eval/groundtruth[_all].parquet."""
     from dvemb.eval.groundtruth import groundtruth as groundtruth_stage
 
-    with _handled():
-        s = groundtruth_stage(_run_dir(run_dir), points, seed, last_epoch, all_epoch, fp64, first_epoch=first_epoch)
-        console.print(f"replay error {s['replay_rel_error']:.1e}; wrote {escape(str(run_dir / 'eval'))}")
+    with _handled(), _staged(run_dir) as root:
+        s = groundtruth_stage(_run_dir(root), points, seed, last_epoch, all_epoch, fp64, first_epoch=first_epoch)
+    console.print(f"replay error {s['replay_rel_error']:.1e}; wrote {escape(run_dir.rstrip('/') + '/eval')}")

@@ -25,7 +25,7 @@ from dvemb.embed.run import embed_segment
 from dvemb.progress import stage_extra
 from dvemb.report import drop_reason, write_report
 from dvemb.score.run import score
-from dvemb.store import integrity
+from dvemb.store import integrity, remote
 from dvemb.store.rundir import RunDir, RunExistsError
 from dvemb.train.resume import check_same_config
 from dvemb.train.run import train
@@ -84,9 +84,10 @@ def check_device(device: str, field: str = "embed.device") -> None:
 
 def preflight(
     cfg: RunConfig, out: str | Path, force: bool, force_name: str = "--force", resume: bool = False
-) -> RunDir:
+) -> RunDir | None:
     """Checks that fail fast, before any training: the devices of ``cfg``, then the run directory
-    (made, or emptied when ``force``, by the run directory's own rules). Returns the run directory.
+    (made, or emptied when ``force``, by the run directory's own rules). Returns the run directory;
+    None for a remote ``out`` (a URI: the same overwrite rule applied to the store, nothing staged yet).
 
     ``force_name``: how the caller spells the overwrite switch (``--force`` on the CLI, ``force=true``
     as a flow parameter), named in the error. ``resume``: a run already in ``out`` is kept, to be
@@ -94,6 +95,9 @@ def preflight(
     """
     check_config(cfg)
     check_device(cfg.embed.device)
+    if remote.is_remote(out):
+        remote.prepare(out, force, resume=resume, force_name=force_name)
+        return None
     run = RunDir(out)
     if resume and run.run_json.is_file():
         check_same_config(run, cfg)

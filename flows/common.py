@@ -16,6 +16,7 @@ from pydantic import Field
 
 from dvemb.errors import DvembError
 from dvemb.pipeline import config_files
+from dvemb.store import remote
 
 IO_RETRIES = 2
 IO_RETRY_DELAY_S = 2
@@ -56,9 +57,11 @@ def run_time() -> datetime:
 
 
 def resolve_out(out: str, **fields: Any) -> str:
-    """Absolute run-directory path; ``{now:%Y%m%d}``-style placeholders take the flow run's scheduled time
-    (a retry resolves to the same folder), ``{name}`` etc. come from ``fields``."""
-    return str(Path(out.format(now=run_time(), **fields)).expanduser().resolve())
+    """Absolute run-directory path, or a remote run's URI (``s3://…``, dvemb.store.remote);
+    ``{now:%Y%m%d}``-style placeholders take the flow run's scheduled time (a retry resolves to the same
+    folder), ``{name}`` etc. come from ``fields``."""
+    out = out.format(now=run_time(), **fields)
+    return out if remote.is_remote(out) else str(remote.local_path(out).expanduser().resolve())
 
 
 def own_partial_run(out: str) -> bool:
@@ -66,10 +69,14 @@ def own_partial_run(out: str) -> bool:
     earlier attempt: run.json changed after the flow run first started."""
     ctx = FlowRunContext.get()
     fr = getattr(ctx, "flow_run", None)
-    run_json = Path(out) / "run.json"
-    if fr is None or fr.run_count <= 1 or fr.start_time is None or not run_json.exists():
+    if fr is None or fr.run_count <= 1 or fr.start_time is None:
         return False
-    return datetime.fromtimestamp(run_json.stat().st_mtime, UTC) >= fr.start_time
+    if remote.is_remote(out):
+        changed = remote.Remote.open(out).modified("run.json")
+    else:
+        run_json = Path(out) / "run.json"
+        changed = datetime.fromtimestamp(run_json.stat().st_mtime, UTC) if run_json.exists() else None
+    return changed is not None and changed >= fr.start_time
 
 
 def permanent(exc: BaseException) -> bool:

@@ -7,6 +7,7 @@ from prefect import flow
 from dvemb.config import RunConfig
 from dvemb.curate.run import curate as curate_run
 from dvemb.pipeline import log_stage
+from dvemb.store.remote import staged
 from dvemb.store.rundir import RunDir
 from flows.common import io_task, resolve_out
 
@@ -14,8 +15,9 @@ from flows.common import io_task, resolve_out
 @io_task("curate-data")
 def curate_data(config: RunConfig, out: str) -> str:
     """curation/curated.parquet and curation/plan.json (path of the former)."""
-    path = curate_run(RunDir(out), config)
-    log_stage(RunDir(out), "curate")
+    with staged(out) as root:
+        path = curate_run(RunDir(root), config)
+        log_stage(RunDir(root), "curate")
     return path
 
 

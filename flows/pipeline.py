@@ -10,7 +10,8 @@ merged onto THAT file, the run directory, ``force``, and where to publish the cu
 Engines: Prefect's default task runner runs the mapped and submitted tasks (the embedding segments, the
 scoring) in threads of the flow's process; :func:`dask_runner` swaps in ``prefect_dask.DaskTaskRunner`` so
 the same tasks run on a Dask cluster's workers (``pipeline.with_options(task_runner=dask_runner(...))``).
-Tasks exchange run-directory paths, never tensors: the workers need the run directory on a shared filesystem.
+Tasks exchange run-directory paths or URIs, never tensors: the workers need the run directory on a shared
+filesystem, or a remote one (``out: s3://…``; each task stages a local copy, dvemb.store.remote).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dvemb.config import RunConfig
 from dvemb.curate.publish import publish_version, read_version
 from dvemb.errors import DvembError
 from dvemb.pipeline import config_yaml, preflight, resolve_config
+from dvemb.store.remote import staged
 from dvemb.store.rundir import RunDir
 from flows.common import DEFAULT_CONFIG, ConfigFile, io_task, own_partial_run, resolve_out, run_time
 from flows.curate import curate_data
@@ -133,8 +135,9 @@ def resolve(config: str, overrides: list[str], out: str, force: bool) -> tuple[R
 @io_task("publish-artifacts")
 def publish(out: str, timings: dict[str, float], config_source: dict) -> dict[str, str]:
     """Influence plot + report.md in the run; summary, top-samples and plot artifacts in Prefect."""
-    keys = publish_run(out, timings, config_source)
-    log.info("report %s; artifacts %s", RunDir(out).report, sorted(keys.values()))
+    with staged(out) as root:
+        keys = publish_run(str(root), timings, config_source)
+    log.info("report %s; artifacts %s", out.rstrip("/") + "/report.md", sorted(keys.values()))
     return keys
 
 
@@ -146,7 +149,8 @@ def publish_dataset(out: str, root: str, config_source: dict) -> str:
     from prefect.runtime import flow_run
 
     source = {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name, **config_source}
-    folder = publish_version(RunDir(out), resolve_out(root), source=source)
+    with staged(out) as run_root:
+        folder = publish_version(RunDir(run_root), resolve_out(root), source=source)
     _, manifest = read_version(folder)
     name, version, rows = manifest["name"], manifest["version"], manifest["rows"]
     sha = manifest["files"]["curated.parquet"]["sha256"]

@@ -7,6 +7,7 @@ from prefect import flow
 from dvemb.config import RunConfig
 from dvemb.pipeline import log_stage
 from dvemb.score.run import score as score_run
+from dvemb.store.remote import staged
 from dvemb.store.rundir import RunDir
 from flows.common import io_task, resolve_out
 
@@ -14,8 +15,9 @@ from flows.common import io_task, resolve_out
 @io_task("score-occurrences")
 def score_occurrences(config: RunConfig, out: str) -> str:
     """scores/occurrences.parquet and scores/samples.parquet (path of the former)."""
-    path = score_run(RunDir(out), config)
-    log_stage(RunDir(out), "score")
+    with staged(out) as root:
+        path = score_run(RunDir(root), config)
+        log_stage(RunDir(root), "score")
     return path
 
 

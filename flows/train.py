@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from dvemb.config import RunConfig
 from dvemb.pipeline import log_stage
 from dvemb.progress import shown
+from dvemb.store.remote import staged
 from dvemb.store.rundir import RunDir
 from dvemb.train.run import train as train_run
 from flows.common import own_partial_run, resolve_out
@@ -18,10 +19,12 @@ def train_model(config: RunConfig, out: str, force: bool, resume: bool = False) 
     """Lightning training with gradient capture. No task retries; a retry of the flow run (or ``resume``)
     continues the run's own interrupted training from its last boundary checkpoint (dvemb.train.resume)."""
     resume = resume or own_partial_run(out)
-    # Lightning's progress bar only where a console shows it (dvemb run), not in a worker's log
-    train_run(config, RunDir(out), force=force and not resume, progress=shown(), resume=resume)
-    RunDir(out).require("train")
-    log_stage(RunDir(out), "train")
+    force = force and not resume
+    with staged(out, new=True, force=force, resume=resume, force_name="force=true (the CLI: --force)") as root:
+        # Lightning's progress bar only where a console shows it (dvemb run), not in a worker's log
+        train_run(config, RunDir(root), force=force, progress=shown(), resume=resume)
+        RunDir(root).require("train")
+        log_stage(RunDir(root), "train")
     return out
 
 
