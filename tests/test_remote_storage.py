@@ -1,0 +1,241 @@
+"""Run directories on an object store: ``--out s3://bucket/prefix/run`` against a REAL S3-compatible server
+(moto in server mode, a subprocess on a free port; pyarrow's S3 client talks HTTP to it). The remote run's
+scores equal a local run's to the bit; its listing is manifest.json plus exactly the files it lists, each
+with the listed sha256; a second machine (empty cache) checks and re-scores it from the URI; a tampered
+object, a missing bucket, an endpoint that does not answer are named (exit 2); a run is never overwritten
+without --force, and --force deletes only the run's own prefix."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from dvemb.cli import app
+from dvemb.store import remote
+from dvemb.store.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "digits_mlp.yaml"
+TINY = ["train.epochs=1", "data.subset=200", "embed.segments=2", "embed.write=always"]  # 7 steps, 2 segments
+BUCKET = "dvemb-test"
+URI = f"s3://{BUCKET}/runs/r1"
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def run_args(out, *extra) -> list:
+    return ["run", CONFIG, "--out", out, "--engine", "local", *[a for s in TINY for a in ("--set", s)], *extra]
+
+
+def one_line(res) -> str:
+    return " ".join(res.output.split())
+
+
+def assert_clean_error(res, *needles: str) -> None:
+    assert res.exit_code == 2, res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.output and res.output.count("error:") == 1, res.output
+    for n in needles:
+        assert n in one_line(res), f"{n!r} not in {res.output!r}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> Iterator[pafs.FileSystem]:
+    """moto_server on a free port (its own credentials and region), AWS_ENDPOINT_URL pointing at it, one
+    bucket; yields a pyarrow S3 filesystem on it (the tests' independent view of the store)."""
+    port = _free_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    server = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.2)
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+                mp.setenv(k, v)
+            fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")
+            fs.create_dir(BUCKET)
+            yield fs
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    """Each test is a fresh machine: its own, empty staging cache."""
+    monkeypatch.setenv("DVEMB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def remote_files(fs: pafs.FileSystem, prefix: str) -> dict[str, bytes]:
+    """Every object under ``prefix`` of the test bucket, read directly (relative key -> bytes)."""
+    infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    out = {}
+    for i in infos:
+        if i.type == pafs.FileType.File:
+            with fs.open_input_stream(i.path) as f:
+                out[i.path[len(BUCKET) + len(prefix) + 2 :]] = f.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(s3, tmp_path_factory) -> dict:
+    """The tiny digits run written to a local folder and to s3://…/runs/r1 (with its push timed)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DVEMB_CACHE", str(tmp / "cache"))
+        local = cli(*run_args(tmp / "local"))
+        assert local.exit_code == 0, local.output
+        t0 = time.perf_counter()
+        res = cli(*run_args(URI))
+        took = time.perf_counter() - t0
+    assert res.exit_code == 0, res.output
+    assert f"done: {URI}" in one_line(res)
+    return {"local": RunDir(tmp / "local"), "seconds": took}
+
+
+def test_scores_on_s3_equal_local_and_listing_matches_manifest(s3, runs) -> None:
+    objects = remote_files(s3, "runs/r1")
+    manifest = json.loads(objects.pop("manifest.json"))["files"]
+    # exactly the files the manifest lists, each with its size and sha256 (read back from the store)
+    assert set(objects) == set(manifest)
+    for rel, data in objects.items():
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (manifest[rel]["size"], manifest[rel]["sha256"]), rel
+    # the same files as the local run (run.json differs: timings), and the same scores to the bit
+    local = runs["local"]
+    assert set(manifest) == set(json.loads((local.root / "manifest.json").read_text())["files"])
+    for rel in ("scores/occurrences.parquet", "scores/samples.parquet", "curation/curated.parquet"):
+        assert pq.read_table(f"{BUCKET}/runs/r1/{rel}", filesystem=s3).equals(pq.read_table(local.root / rel)), rel
+        assert objects[rel] == (local.root / rel).read_bytes(), rel
+    assert len(objects) >= 20 and sum(map(len, objects.values())) > 1_000_000
+
+
+def test_second_machine_checks_and_rescores_from_the_uri(s3, runs, cache) -> None:
+    before = remote_files(s3, "runs/r1")
+    res = cli("status", URI)  # an empty cache: every object read in the store, then pulled and checked
+    assert res.exit_code == 0, res.output
+    for stage in ("train", "embed", "score", "curate"):
+        assert f"{stage} complete" in one_line(res), res.output
+    copy = remote.staging_dir(URI)
+    assert copy.is_relative_to(cache) and RunDir(copy).occurrences.is_file()
+
+    shutil.rmtree(cache)  # another fresh machine re-scores: pulls, scores, pushes what changed
+    res = cli("score", URI)
+    assert res.exit_code == 0, res.output
+    after = remote_files(s3, "runs/r1")
+    assert after.keys() == before.keys()
+    for rel in ("scores/occurrences.parquet", "scores/samples.parquet"):  # scoring is deterministic
+        assert after[rel] == before[rel] == (runs["local"].root / rel).read_bytes(), rel
+    # the query-string endpoint works too (no AWS_ENDPOINT_URL)
+    endpoint = os.environ.pop("AWS_ENDPOINT_URL")
+    try:
+        host = endpoint.removeprefix("http://")
+        res = cli("status", "--quick", f"{URI}?endpoint_override={host}&scheme=http")
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+    assert res.exit_code == 0 and "score complete" in one_line(res), res.output
+
+
+def test_tampered_object_is_named_and_never_staged(s3, runs, cache) -> None:
+    key = f"{BUCKET}/runs/r1/scores/samples.parquet"
+    with s3.open_input_stream(key) as f:
+        good = f.read()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF  # same size, other content
+    with s3.open_output_stream(key) as f:
+        f.write(bytes(bad))
+    try:
+        res = cli("status", URI)
+        assert res.exit_code == 2, res.output
+        assert f"damaged {URI}/scores/samples.parquet: content differs from its sha256" in one_line(res)
+        res = cli("curate", URI)  # a fresh machine pulls: the download is checked before it is kept
+        assert_clean_error(res, f"{URI}/scores/samples.parquet: damaged", "manifest.json says")
+        copy = remote.staging_dir(URI)
+        assert not (copy / "scores" / "samples.parquet").exists()
+        assert not list(copy.rglob(".*.tmp-*"))  # no half-written download left
+    finally:
+        with s3.open_output_stream(key) as f:
+            f.write(good)
+    assert cli("status", "--quick", URI).exit_code == 0
+
+
+def test_existing_run_is_never_overwritten_without_force(s3, runs) -> None:
+    before = remote_files(s3, "runs/r1")
+    res = cli(*run_args(URI))
+    assert_clean_error(res, f"out '{URI}': holds a run (run.json); set --force")
+    assert remote_files(s3, "runs/r1") == before
+
+
+def test_force_deletes_only_the_run_prefix(s3, runs) -> None:
+    """A finished run at runs/old (train-only, fast) is replaced with --force; runs/old-sibling/ and
+    runs/keep.txt survive; a prefix with objects but no run.json is never deleted, --force or not."""
+    old = f"s3://{BUCKET}/runs/old"
+    sets = [a for s in TINY for a in ("--set", s)]
+    assert cli("train", CONFIG, "--out", old, *sets).exit_code == 0
+    for key in ("runs/old-sibling/keep.txt", "runs/keep.txt", "runs/old/checkpoints/stray.txt", "foreign/x.txt"):
+        with s3.open_output_stream(f"{BUCKET}/{key}") as f:
+            f.write(b"keep")
+    res = cli("train", CONFIG, "--out", old, *sets, "--force")
+    assert res.exit_code == 0, res.output
+    objects = remote_files(s3, "runs/old")
+    assert "checkpoints/stray.txt" not in objects and "run.json" in objects
+    assert remote_files(s3, "runs/old-sibling") == {"keep.txt": b"keep"}
+    assert remote_files(s3, "runs")["keep.txt"] == b"keep"
+
+    for force in ([], ["--force"]):
+        res = cli("train", CONFIG, "--out", f"s3://{BUCKET}/foreign", *sets, *force)
+        assert_clean_error(res, f"s3://{BUCKET}/foreign: holds 1 object(s) but no run.json", "never deletes it")
+    assert remote_files(s3, "foreign") == {"x.txt": b"keep"}
+
+
+def test_missing_bucket_and_unreachable_endpoint_fail_fast(s3, cache, monkeypatch) -> None:
+    res = cli(*run_args("s3://no-such-bucket/runs/r1"))
+    assert_clean_error(res, "s3://no-such-bucket/runs/r1: bucket 'no-such-bucket' does not exist")
+    res = cli("score", f"s3://{BUCKET}")
+    assert_clean_error(res, f"s3://{BUCKET}: a run needs a prefix inside the bucket")
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    for args in (run_args(URI), ["status", URI]):
+        t0 = time.monotonic()
+        res = cli(*args)
+        took = time.monotonic() - t0
+        assert_clean_error(res, URI, "Could not connect to server")
+        assert took < 20, took  # pyarrow's default: 3 attempts with back-off, about 6 s
+    assert not cache.exists()  # nothing staged, nothing written
