@@ -17,7 +17,7 @@ leave-one-out, positive = the occurrence helped) is ``f(theta'_c) - f(theta_c) â
 
     score(t, z) = <a_{t+1}, F_t(s_t, g_t - w_{t,z} grad l_z) - F_t(s_t, g_t)>
 
-(per-sample gradients of the step's batch, the step map evaluated once per occurrence in float64). Early
+(each occurrence's gradient by one backward pass, the step map evaluated once per occurrence, float64). Early
 AdamW steps, where the second moment is still small, are where the two differ: removing one sample can
 flip a coordinate's update, which no derivative sees (docs/RESULTS.md, bench_exact).
 ``H_t c_t`` and every ``<c_t, grad l_z>`` of the batch come from ONE double-backward pass: with the weights
@@ -44,6 +44,7 @@ from dvemb.replay.trajectory import Trajectory, check_boundary
 
 log = logging.getLogger(__name__)
 Removal = Literal["auto", "linear", "step"]
+REMOVAL_CHUNK = 1 << 17  # parameter values per chunk of occurrences in the exact removal step (~1 MiB, float64)
 
 
 @dataclass
@@ -125,8 +126,9 @@ def _reverse_step(
     names = list(trained)
     losses = traj.losses(p, traj.steps[t].batch)
     g = torch.autograd.grad((w * losses).sum(), [trained[k] for k in names], create_graph=True)
-    if exact_step:
-        removed = _removal_steps(traj, t, params, state, losses, [trained[k] for k in names], g, w.detach())
+    scores = (
+        _removal_scores(traj, t, params, state, losses, [trained[k] for k in names], g, adjoints) if exact_step else {}
+    )
     # the optimizer's step map on fresh leaves: its VJP gives d/dtheta, d/dstate and c_t = d/dg
     p_leaf = {k: trained[k].detach().requires_grad_(True) for k in names}
     g_leaf = {k: gk.detach().requires_grad_(True) for k, gk in zip(names, g)}
@@ -136,7 +138,7 @@ def _reverse_step(
     s_out = [k for k, v in new_s.items() if v.requires_grad]
     ins = [p_leaf[k] for k in names] + [g_leaf[k] for k in names] + [s_leaf[k] for k in s_in]
     n = len(names)
-    new_adj, scores = {}, {}
+    new_adj = {}
     for c, adj in adjoints.items():
         outs = [new_p[k] for k in names] + [new_s[k] for k in s_out]
         cots = [adj.params[k] for k in names] + [adj.state.get(k, torch.zeros_like(new_s[k])) for k in s_out]
@@ -145,21 +147,16 @@ def _reverse_step(
         c_g = d[n : 2 * n]
         # one double-backward pass: d<g, c>/dtheta = H c and d<g, c>/dw_z = <grad l_z, c>
         hc = torch.autograd.grad(g, [trained[k] for k in names] + [w], c_g, retain_graph=True, allow_unused=True)
-        dots = hc[n]
         new_adj[c] = _Adjoint(
             {k: d[i] + (hc[i] if hc[i] is not None else 0) for i, k in enumerate(names)},
             {k: v for k, v in zip(s_in, d[2 * n :])},
         )
-        if exact_step:
-            scores[c] = sum((removed[k] * adj.params[k].to(torch.float64)).flatten(1).sum(1) for k in names) + sum(
-                (removed[k] * adj.state[k].to(torch.float64)).flatten(1).sum(1) for k in adj.state if k in removed
-            )
-        else:
-            scores[c] = (-(w.detach() * dots)).to(torch.float64).detach()
+        if not exact_step:
+            scores[c] = (-(w.detach() * hc[n])).to(torch.float64).detach()
     return new_adj, scores
 
 
-def _removal_steps(
+def _removal_scores(
     traj: Trajectory,
     t: int,
     params: Params,
@@ -167,28 +164,39 @@ def _removal_steps(
     losses: torch.Tensor,
     leaves: list[torch.Tensor],
     g: Sequence[torch.Tensor],
-    w: torch.Tensor,
-) -> dict[str, torch.Tensor]:
-    """F_t(s_t, g_t - w_z grad l_z) - F_t(s_t, g_t) for every occurrence z of step t, in float64:
-    ``{parameter or state key: [B, *shape]}`` (state keys that the step does not change are left out)."""
+    adjoints: dict[int, _Adjoint],
+) -> dict[int, torch.Tensor]:
+    """``<a_{t+1}, F_t(s_t, g_t - w_z grad l_z) - F_t(s_t, g_t)>`` for every occurrence z of step t and every
+    adjoint: ``{checkpoint: [B] float64}``, in float64. Occurrences go in chunks of about ``REMOVAL_CHUNK``
+    parameter values (their gradients by a batched backward pass, the step map vmapped): small models take
+    the whole batch at once, large ones one sample at a time (memory O(parameters); a plain loop there, as
+    vmap's per-op overhead then outweighs batching)."""
     spec, hyper = traj.spec, traj.steps[t].hyper
     names = list(traj.trained(params))
-    b = len(losses)
-    per_sample = torch.autograd.grad(
-        losses, leaves, torch.eye(b, dtype=losses.dtype), retain_graph=True, is_grads_batched=True
-    )  # [B, *shape] per parameter
     f64 = torch.float64
     p64 = {k: v.detach().to(f64) for k, v in params.items()}
     s64 = {k: v.detach().to(f64) if v.is_floating_point() else v for k, v in state.items()}
     g64 = {k: gk.detach().to(f64) for k, gk in zip(names, g)}
     base_p, base_s = optimizer_step(spec, p64, s64, g64, hyper)
+    adj = [{k: v.to(f64) for k, v in {**a.params, **a.state}.items()} for a in adjoints.values()]
 
-    def removed(wz: torch.Tensor, *gz: torch.Tensor) -> dict[str, torch.Tensor]:
+    def scores(wz: torch.Tensor, *gz: torch.Tensor) -> torch.Tensor:  # one occurrence -> [adjoints]
         grads = {k: g64[k] - wz * gzk.to(f64) for k, gzk in zip(names, gz)}
         new_p, new_s = optimizer_step(spec, p64, s64, grads, hyper)
-        diff = {k: new_p[k] - base_p[k] for k in names}
-        diff.update({k: new_s[k] - base_s[k] for k in _carried(new_s)})
-        return diff
+        diff = {k: new_p[k] - base_p[k] for k in names} | {k: new_s[k] - base_s[k] for k in _carried(new_s)}
+        return torch.stack([sum((a[k] * d).sum() for k, d in diff.items() if k in a) for a in adj])
 
-    with torch.no_grad():
-        return torch.func.vmap(removed)(w.to(f64), *per_sample)
+    b = len(losses)
+    chunk = max(1, REMOVAL_CHUNK // sum(p64[k].numel() for k in names))
+    w = traj.steps[t].weights.to(f64)
+    out = []
+    for i in range(0, b, chunk):
+        rows = torch.eye(b, dtype=losses.dtype)[i : i + chunk]
+        with torch.no_grad():
+            if chunk == 1:
+                gz = torch.autograd.grad(losses[i], leaves, retain_graph=True)
+                out.append(scores(w[i], *gz)[None])
+            else:
+                gz = torch.autograd.grad(losses, leaves, rows, retain_graph=True, is_grads_batched=True)
+                out.append(torch.func.vmap(scores)(w[i : i + chunk], *gz))
+    return dict(zip(adjoints, torch.cat(out).T))
