@@ -16,7 +16,6 @@ from dvemb.store import integrity
 from dvemb.store.atomic import write_json, write_parquet_atomic
 from dvemb.store.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -25,20 +24,9 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "base"
+def base(tmp_path_factory, cli_run) -> Path:
     sets = ["train.epochs=1", "data.subset=200", "embed.segments=2", "embed.write=always"]
-    res = cli(
-        "run",
-        ROOT / "configs" / "digits_mlp.yaml",
-        "--out",
-        out,
-        "--engine",
-        "local",
-        *[a for s in sets for a in ("--set", s)],
-    )
-    assert res.exit_code == 0, res.output
-    return out
+    return cli_run(tmp_path_factory.mktemp("runs") / "base", sets)
 
 
 @pytest.fixture

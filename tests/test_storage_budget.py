@@ -125,20 +125,9 @@ def test_never_writing_embeddings_for_embedding_mode_is_refused():
 
 
 @pytest.fixture(scope="module")
-def exact_run(tmp_path_factory) -> Path:
+def exact_run(tmp_path_factory, cli_run) -> Path:
     """The default mode (exact) on a tiny run: the embed stage writes nothing."""
-    out = tmp_path_factory.mktemp("budget") / "run"
-    res = cli(
-        "run",
-        ROOT / "configs" / "digits_mlp.yaml",
-        "--out",
-        out,
-        "--engine",
-        "local",
-        *sum((["--set", s] for s in TINY), []),
-    )
-    assert res.exit_code == 0, res.output
-    return out
+    return cli_run(tmp_path_factory.mktemp("budget") / "run", TINY)
 
 
 def final_scores(run: Path) -> np.ndarray:

@@ -8,6 +8,7 @@ Fixtures: ``prefect_server`` (the server), ``deployed`` (prefect.yaml registered
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -73,14 +74,16 @@ def _process(cmd: list[str], log: Path, **kw: Any) -> subprocess.Popen:
     )
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _load_stop() -> Callable[[subprocess.Popen], None]:
+    """scripts/ui_check.py's ``stop`` (stdlib only; loaded by path: plain ``pytest`` has no repository root on
+    sys.path)."""
+    spec = importlib.util.spec_from_file_location("dvemb_ui_check", ROOT / "scripts" / "ui_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.stop
+
+
+_stop = _load_stop()
 
 
 @pytest.fixture(scope="session")
