@@ -164,6 +164,17 @@ def test_step_removal_is_the_derivative_along_the_exact_removal_step(opt, clip):
         assert float(last[pos]) == pytest.approx(tsloo, rel=1e-10, abs=1e-14)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 30])
+def test_step_removal_is_the_same_in_any_chunking(chunk, monkeypatch):
+    """Occurrences one at a time (large models), in chunks, or the whole batch at once (small ones)."""
+    import dvemb.replay.exact as exact
+
+    traj = make_trajectory("adamw", 0.5)
+    want = torch.cat(exact_scores(traj, removal="step")[14])
+    monkeypatch.setattr(exact, "REMOVAL_CHUNK", chunk * 88)  # 88 parameters in Tiny
+    assert torch.allclose(torch.cat(exact_scores(traj, removal="step")[14]), want, rtol=1e-10, atol=1e-15)
+
+
 def test_auto_removal_takes_the_exact_step_for_adamw_and_clipping():
     from dvemb.replay.exact import removal_is_step
 

@@ -191,12 +191,13 @@ def _removal_scores(
     w = traj.steps[t].weights.to(f64)
     out = []
     for i in range(0, b, chunk):
-        rows = torch.eye(b, dtype=losses.dtype)[i : i + chunk]
-        with torch.no_grad():
-            if chunk == 1:
-                gz = torch.autograd.grad(losses[i], leaves, retain_graph=True)
+        if chunk == 1:
+            gz = torch.autograd.grad(losses[i], leaves, retain_graph=True)
+            with torch.no_grad():
                 out.append(scores(w[i], *gz)[None])
-            else:
-                gz = torch.autograd.grad(losses, leaves, rows, retain_graph=True, is_grads_batched=True)
+        else:
+            rows = torch.eye(b, dtype=losses.dtype)[i : i + chunk]
+            gz = torch.autograd.grad(losses, leaves, rows, retain_graph=True, is_grads_batched=True)
+            with torch.no_grad():
                 out.append(torch.func.vmap(scores)(w[i : i + chunk], *gz))
     return dict(zip(adjoints, torch.cat(out).T))
