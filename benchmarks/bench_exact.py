@@ -32,6 +32,7 @@ the same trajectory forward once (the training arithmetic, no capture) and over 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -227,6 +228,52 @@ def table(results: list[dict], costs: list[dict] = ()) -> str:
     return "\n".join(lines)
 
 
+README_RUNS = {
+    "sgd-long": "SGD, 10 epochs, lr 0.2",
+    "momentum": "SGD momentum 0.9, 5 epochs",
+    "adamw-5ep": "AdamW, 5 epochs, lr 3e-3",
+    "adamw-15ep": "AdamW, 15 epochs, lr 1e-2",
+}
+
+
+def readme_table(results: list[dict], peer: dict | None) -> str:
+    """README's mode table: Spearman first / last epoch of exact mode and of the best embedding-mode
+    curvature (unprojected, and at 32x32), plus dattri-llm's row from ``peer`` (bench_peer_adamw JSON)."""
+    cells = {(r["regime"], r["projection"]): r["phases"] for r in results}
+
+    def sp(phases: dict, est: str) -> str:
+        return " / ".join(f"{phases[ph]['estimators'][est]['spearman']:.3f}" for ph in ("first", "last"))
+
+    def best(phases: dict) -> str:
+        adam = [k for k in phases["last"]["estimators"] if k.startswith("adam-")]
+        pool = adam or [k for k in phases["last"]["estimators"] if k.startswith("sgd-proxy")]
+        k = max(pool, key=lambda e: phases["last"]["estimators"][e]["spearman"])
+        return f"{'Adam-aware ' if adam else ''}{sp(phases, k)}"
+
+    lines = [
+        "| run | exact | embedding / direct (best curvature, unprojected) | embedding / direct at 32×32 "
+        "(AdamW: subsample store) |",
+        "|---|---|---|---|",
+    ]
+    for regime, label in README_RUNS.items():
+        full = cells.get((regime, "full"))
+        proj = cells.get((regime, "32x32-sub" if regime.startswith("adamw") else "32x32"))
+        if full is None or proj is None:
+            continue
+        first_order = ""
+        if "exact-first-order" in full["last"]["estimators"]:
+            first_order = f" (removal linearised: {sp(full, 'exact-first-order')})"
+        lines.append(f"| {label} | {sp(full, 'exact')}{first_order} | {best(full)} | {best(proj)} |")
+    if peer:
+        runs = {r["regime"]: r["phases"] for r in peer["results"]}
+        est = "dattri-llm AdamWInfluence (propagation=train)"
+        row = "; ".join(sp(runs[k], est) for k in ("adamw-5ep", "adamw-15ep") if k in runs)
+        lines.append(
+            f"| dattri-llm {peer['dattri_llm_version']} AdamWInfluence (peer), AdamW 5 / 15 epochs | — | {row} | — |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny runs (smoke test)")
@@ -261,6 +308,9 @@ def main() -> None:
     write_json_atomic(out, payload)
     if not args.quick:
         replace_doc_block(ROOT / "docs" / "RESULTS.md", "bench_exact", table(results, costs), missing=DOC_HEADING)
+        peer = RESULTS / "bench_peer_adamw_cpu.json"
+        peer = json.loads(peer.read_text()) if peer.exists() else None
+        replace_doc_block(ROOT / "README.md", "readme_modes", readme_table(results, peer))
     print(table(results, costs))
 
 
