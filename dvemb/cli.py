@@ -160,7 +160,7 @@ def _run_config(config: Path | None, out: str | None, sets: list[str], force: bo
         raise DvembError("--resume without CONFIG needs --out RUN: the run directory to continue")
     from dvemb.pipeline import config_of
 
-    with _staged(out) as root:
+    with _staged(out, read_only=True) as root:
         return config_of(_run_dir(root), sets or [])
 
 
@@ -225,7 +225,7 @@ def run(
 
             with _staged(out, new=True, force=force, resume=resume) as root:
                 run_local(cfg, root, force=force, resume=resume)
-    with _handled(), _staged(out) as root:
+    with _handled(), _staged(out, read_only=True) as root:
         from dvemb.summary import render
 
         console.print(render(_run_dir(root)))

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from dvemb.config import EmbedConfig, RunConfig
 from dvemb.embed.run import embed_segment as embed_segment_run
 from dvemb.pipeline import log_stage
-from dvemb.store.remote import commit, entries, staged
+from dvemb.store.remote import commit, entries, staged, upload
 from dvemb.store.rundir import RunDir
 from flows.common import io_task, resolve_out
 
@@ -16,7 +16,7 @@ from flows.common import io_task, resolve_out
 @task(name="count-segments", cache_policy=NO_CACHE)
 def count_segments(out: str) -> int:
     """Number of segments recorded at training time (``len(boundaries) - 1``)."""
-    with staged(out) as root:
+    with staged(out, read_only=True) as root:
         run = RunDir(root)
         run.require("train")
         return len(run.boundaries) - 1
@@ -27,10 +27,12 @@ def embed_segment(out: str, segment: int, embed: EmbedConfig) -> dict[str, dict]
     """One segment: its embeddings file and propagator K_j. Returns their manifest entries (relative path
     -> size, sha256). A remote run: the files are uploaded, and :func:`compose` (one writer) records them in
     the remote manifest.json — segments in parallel never race on it."""
-    with staged(out, commit=False, prune=False) as root:
+    with staged(out, read_only=True, prune=False) as root:
         paths = list(embed_segment_run(RunDir(root), segment, embed))
         log_stage(RunDir(root), "embed", segment)
-    return entries(root, paths)
+        written = entries(root, paths)
+        upload(out, root, written)
+    return written
 
 
 @task(name="compose-embeddings", cache_policy=NO_CACHE)
@@ -38,7 +40,7 @@ def compose(out: str, written: list[dict[str, dict]]) -> str:
     """Record every segment's files (a remote run's manifest.json); check that each left its embeddings
     and propagator."""
     commit(out, {rel: e for part in written for rel, e in part.items()})
-    with staged(out) as root:
+    with staged(out, read_only=True) as root:
         RunDir(root).require("embed")
     return out
 

@@ -149,7 +149,7 @@ def publish_dataset(out: str, root: str, config_source: dict) -> str:
     from prefect.runtime import flow_run
 
     source = {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name, **config_source}
-    with staged(out) as run_root:
+    with staged(out, read_only=True) as run_root:
         folder = publish_version(RunDir(run_root), resolve_out(root), source=source)
     _, manifest = read_version(folder)
     name, version, rows = manifest["name"], manifest["version"], manifest["rows"]

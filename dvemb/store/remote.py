@@ -287,16 +287,16 @@ def pull(remote: Remote, root: Path, prune: bool = True) -> dict[str, int]:
     return {"files": len(got), "bytes": sum(e["size"] for e in got.values())}
 
 
-def push(remote: Remote, root: Path, base: dict[str, dict], commit: bool = True) -> dict[str, dict]:
+def push(remote: Remote, root: Path, base: dict[str, dict]) -> dict[str, dict]:
     """Upload the finalised files of ``root`` that differ from ``base`` (the copy's manifest when it was
-    pulled); ``commit``: then merge them into the remote ``manifest.json`` (written last) and delete the
-    objects of files dropped since ``base``. Returns the uploaded manifest entries."""
+    pulled), merge them into the remote ``manifest.json`` (written last), then delete the objects of files
+    dropped since ``base``. Returns the uploaded manifest entries."""
     now = _local_manifest(root)
     changed = {rel: e for rel, e in now.items() if base.get(rel) != e}
     gone = [rel for rel in base if rel not in now]
     for rel, e in sorted(changed.items(), key=lambda kv: kv[0] == _RUN_MARKER):  # run.json last
         remote.upload(root / rel, rel, e)
-    if commit and (changed or gone):
+    if changed or gone:
         commit_entries(remote, changed, gone)
     return changed
 
@@ -353,7 +353,7 @@ def staged(
     force: bool = False,
     resume: bool = False,
     force_name: str = "--force",
-    commit: bool = True,
+    read_only: bool = False,
     prune: bool = True,
 ) -> Iterator[Path]:
     """Yield a local run directory for ``target``: the path itself when local; else a staged copy, pulled
@@ -361,8 +361,9 @@ def staged(
     failure, so that ``--resume`` works from anywhere; a KeyboardInterrupt pushes nothing).
 
     new: a run is created there (:func:`prepare`'s overwrite rule; the copy starts empty unless
-    ``resume``). commit=False: push the files only and leave the manifest to :func:`commit_entries`
-    (parallel tasks; one writer merges). prune=False: keep local files the remote does not list yet."""
+    ``resume``). read_only: nothing is pushed (a reader; or a parallel task, which uploads its own files
+    with :func:`upload` and leaves the manifest to one writer, :func:`commit`). prune=False: keep local
+    files the remote does not list (yet: a parallel task's sibling outputs)."""
     if not is_remote(target):
         yield local_path(target)
         return
@@ -379,10 +380,12 @@ def staged(
     try:
         yield root
     except Exception:
-        with suppress(Exception):  # the stage's own error is the one to report
-            push(remote, root, base, commit)
+        if not read_only:
+            with suppress(Exception):  # the stage's own error is the one to report
+                push(remote, root, base)
         raise
-    push(remote, root, base, commit)
+    if not read_only:
+        push(remote, root, base)
 
 
 def entries(root: Path, paths: list[str | os.PathLike[str]]) -> dict[str, dict]:
@@ -390,6 +393,15 @@ def entries(root: Path, paths: list[str | os.PathLike[str]]) -> dict[str, dict]:
     files = _local_manifest(root)
     rels = [Path(p).resolve().relative_to(root.resolve()).as_posix() for p in paths]
     return {rel: files[rel] for rel in rels if rel in files}
+
+
+def upload(target: str | os.PathLike[str], root: Path, files: dict[str, dict]) -> None:
+    """Upload ``files`` (relative path -> manifest entry) of the staged copy ``root`` to the remote run,
+    without touching its manifest.json (:func:`commit` records them); no-op for a local run directory."""
+    if is_remote(target):
+        store = Remote.open(str(target))
+        for rel, e in files.items():
+            store.upload(root / rel, rel, e)
 
 
 def commit(target: str | os.PathLike[str], files: dict[str, dict]) -> None:
