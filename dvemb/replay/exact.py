@@ -124,11 +124,8 @@ def _reverse_step(
     w = traj.steps[t].weights.detach().clone().requires_grad_(True)
     trained = traj.trained(p)
     names = list(trained)
-    losses = traj.losses(p, traj.steps[t].batch)
-    g = torch.autograd.grad((w * losses).sum(), [trained[k] for k in names], create_graph=True)
-    scores = (
-        _removal_scores(traj, t, params, state, losses, [trained[k] for k in names], g, adjoints) if exact_step else {}
-    )
+    g = torch.autograd.grad(traj.batch_loss(p, t, w), [trained[k] for k in names], create_graph=True)
+    scores = _removal_scores(traj, t, p, state, g, adjoints) if exact_step else {}
     # the optimizer's step map on fresh leaves: its VJP gives d/dtheta, d/dstate and c_t = d/dg
     p_leaf = {k: trained[k].detach().requires_grad_(True) for k in names}
     g_leaf = {k: gk.detach().requires_grad_(True) for k, gk in zip(names, g)}
@@ -157,47 +154,48 @@ def _reverse_step(
 
 
 def _removal_scores(
-    traj: Trajectory,
-    t: int,
-    params: Params,
-    state: State,
-    losses: torch.Tensor,
-    leaves: list[torch.Tensor],
-    g: Sequence[torch.Tensor],
-    adjoints: dict[int, _Adjoint],
+    traj: Trajectory, t: int, params: Params, state: State, g: Sequence[torch.Tensor], adjoints: dict[int, _Adjoint]
 ) -> dict[int, torch.Tensor]:
     """``<a_{t+1}, F_t(s_t, g_t - w_z grad l_z) - F_t(s_t, g_t)>`` for every occurrence z of step t and every
-    adjoint: ``{checkpoint: [B] float64}``, in float64. Occurrences go in chunks of about ``REMOVAL_CHUNK``
-    parameter values (their gradients by a batched backward pass, the step map vmapped): small models take
-    the whole batch at once, large ones one sample at a time (memory O(parameters); a plain loop there, as
-    vmap's per-op overhead then outweighs batching)."""
-    spec, hyper = traj.spec, traj.steps[t].hyper
+    adjoint: ``{checkpoint: [B] float64}``, in float64. ``params``: theta_t, the trained ones requiring grad.
+
+    Occurrences go in chunks of about ``REMOVAL_CHUNK`` parameter values, each chunk's per-sample gradients
+    from its own rows of the batch (a batched backward pass), the step map vmapped over the chunk: small
+    models take the whole batch at once, large ones one sample at a time (memory O(parameters); a plain
+    loop there, as vmap's per-op overhead then outweighs batching)."""
+    spec, hyper, step = traj.spec, traj.steps[t].hyper, traj.steps[t]
     names = list(traj.trained(params))
+    leaves = [params[k] for k in names]
     f64 = torch.float64
     p64 = {k: v.detach().to(f64) for k, v in params.items()}
     s64 = {k: v.detach().to(f64) if v.is_floating_point() else v for k, v in state.items()}
     g64 = {k: gk.detach().to(f64) for k, gk in zip(names, g)}
-    base_p, base_s = optimizer_step(spec, p64, s64, g64, hyper)
-    adj = [{k: v.to(f64) for k, v in {**a.params, **a.state}.items()} for a in adjoints.values()]
+    adj = [{k: v.to(f64).flatten() for k, v in {**a.params, **a.state}.items()} for a in adjoints.values()]
 
-    def scores(wz: torch.Tensor, *gz: torch.Tensor) -> torch.Tensor:  # one occurrence -> [adjoints]
+    def dots(new: dict[str, torch.Tensor]) -> torch.Tensor:  # [adjoints]: <a, new state>
+        return torch.stack([sum(torch.vdot(a[k], new[k].flatten()) for k in a if k in new) for a in adj])
+
+    def after(wz: torch.Tensor, *gz: torch.Tensor) -> torch.Tensor:  # one occurrence removed -> [adjoints]
         grads = {k: g64[k] - wz * gzk.to(f64) for k, gzk in zip(names, gz)}
         new_p, new_s = optimizer_step(spec, p64, s64, grads, hyper)
-        diff = {k: new_p[k] - base_p[k] for k in names} | {k: new_s[k] - base_s[k] for k in _carried(new_s)}
-        return torch.stack([sum((a[k] * d).sum() for k, d in diff.items() if k in a) for a in adj])
+        return dots(new_p | new_s)
 
-    b = len(losses)
+    with torch.no_grad():
+        new_p, new_s = optimizer_step(spec, p64, s64, g64, hyper)
+        base = dots(new_p | new_s)
+    b = len(step.weights)
     chunk = max(1, REMOVAL_CHUNK // sum(p64[k].numel() for k in names))
-    w = traj.steps[t].weights.to(f64)
+    w = step.weights.to(f64)
     out = []
     for i in range(0, b, chunk):
-        if chunk == 1:
-            gz = torch.autograd.grad(losses[i], leaves, retain_graph=True)
+        losses = traj.losses(params, {k: v[i : i + chunk] for k, v in step.batch.items()})
+        if len(losses) == 1:
+            gz = torch.autograd.grad(losses[0], leaves)
             with torch.no_grad():
-                out.append(scores(w[i], *gz)[None])
+                out.append(after(w[i], *gz)[None])
         else:
-            rows = torch.eye(b, dtype=losses.dtype)[i : i + chunk]
-            gz = torch.autograd.grad(losses, leaves, rows, retain_graph=True, is_grads_batched=True)
+            rows = torch.eye(len(losses), dtype=losses.dtype)
+            gz = torch.autograd.grad(losses, leaves, rows, is_grads_batched=True)
             with torch.no_grad():
-                out.append(torch.func.vmap(scores)(w[i : i + chunk], *gz))
-    return dict(zip(adjoints, torch.cat(out).T))
+                out.append(torch.func.vmap(after)(w[i : i + chunk], *gz))
+    return dict(zip(adjoints, (torch.cat(out) - base).T))

@@ -30,6 +30,8 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm
 
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
     """sqrt with a zero (not NaN) derivative where v == 0 (Adam coordinates that never saw a gradient)."""
+    if not (torch.is_grad_enabled() and v.requires_grad):  # no derivative asked for: the same values, cheaper
+        return torch.sqrt(v)
     pos = v > 0
     return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
 
