@@ -219,6 +219,9 @@ def test_force_deletes_only_the_run_prefix(s3, runs) -> None:
     assert remote_files(s3, "runs/old-sibling") == {"keep.txt": b"keep"}
     assert remote_files(s3, "runs")["keep.txt"] == b"keep"
 
+    # a stage's error names the URI, not the staged copy
+    assert_clean_error(cli("gc", old), f"{old}: the scores are not written", f"{old}: stage 'score' is incomplete")
+
     for force in ([], ["--force"]):
         res = cli("train", CONFIG, "--out", f"s3://{BUCKET}/foreign", *sets, *force)
         assert_clean_error(res, f"s3://{BUCKET}/foreign: holds 1 object(s) but no run.json", "never deletes it")
@@ -239,3 +242,20 @@ def test_missing_bucket_and_unreachable_endpoint_fail_fast(s3, cache, monkeypatc
         assert_clean_error(res, URI, "Could not connect to server")
         assert took < 20, took  # pyarrow's default: 3 attempts with back-off, about 6 s
     assert not cache.exists()  # nothing staged, nothing written
+
+
+def test_gc_on_the_uri_drops_objects_inside_the_run_only(s3, runs) -> None:
+    """``dvemb gc URI`` (embeddings kept, so the gradient store goes): the manifest stops listing the dropped
+    files, then their objects are deleted; the run stays complete and verified. Runs last: it changes r1."""
+    before = remote_files(s3, "runs")
+    res = cli("gc", URI)
+    assert res.exit_code == 0 and "dropped" in res.output, res.output
+    objects = remote_files(s3, "runs/r1")
+    listed = json.loads(objects.pop("manifest.json"))["files"]
+    assert set(objects) == set(listed)
+    assert any(k.startswith("r1/grads/seg-") for k in before)
+    assert not any(k.startswith("grads/seg-") for k in objects)
+    others = {k: v for k, v in before.items() if not k.startswith("r1/")}
+    assert others and others == {k: v for k, v in remote_files(s3, "runs").items() if not k.startswith("r1/")}
+    res = cli("status", URI)
+    assert res.exit_code == 0 and "train complete" in one_line(res) and "score complete" in one_line(res), res.output

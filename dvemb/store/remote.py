@@ -40,7 +40,7 @@ from urllib.parse import unquote, urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from dvemb.errors import DamagedFileError, RunPathError, StoreError
+from dvemb.errors import DamagedFileError, DvembError, RunPathError, StoreError
 from dvemb.store import integrity
 
 CHUNK = 8 << 20  # bytes per read / write while streaming a file
@@ -379,7 +379,9 @@ def staged(
         base = _local_manifest(root)
     try:
         yield root
-    except Exception:
+    except Exception as e:
+        if isinstance(e, DvembError) and len(e.args) == 1 and isinstance(e.args[0], str):
+            e.args = (e.args[0].replace(str(root), remote.uri),)  # name the run as the user gave it
         if not read_only:
             with suppress(Exception):  # the stage's own error is the one to report
                 push(remote, root, base)
