@@ -226,9 +226,10 @@ def run(
             with _staged(out, new=True, force=force, resume=resume) as root:
                 run_local(cfg, root, force=force, resume=resume)
     with _handled(), _staged(out, read_only=True) as root:
+        from dvemb.store.remote import is_remote
         from dvemb.summary import render
 
-        console.print(render(_run_dir(root)))
+        console.print(render(_run_dir(root), location=str(out) if is_remote(out) else None))
     console.print(f"[green]done:[/] {escape(str(out))}")
 
 

@@ -75,10 +75,12 @@ def curation_sentence(run: RunDir, plan: dict) -> str:
     return text
 
 
-def summary_rows(run: RunDir) -> list[tuple[str, str]]:
-    """(field, text) rows of the summary, report.md last; what a stage that has not run would show is left out."""
+def summary_rows(run: RunDir, location: str | None = None) -> list[tuple[str, str]]:
+    """(field, text) rows of the summary, report.md last; what a stage that has not run would show is left out.
+    location: where the run is shown to be (a remote run's URI rather than its staged copy; default run.root)."""
     meta = run.meta()
-    rows = [("run", f"{meta['config']['name']} → {run.root}")]
+    where = (location or str(run.root)).rstrip("/")
+    rows = [("run", f"{meta['config']['name']} → {where}")]
     if times := stage_times(meta):
         rows.append(("stages", times))
     if run.steps.exists():
@@ -97,7 +99,8 @@ def summary_rows(run: RunDir) -> list[tuple[str, str]]:
         rows.append(("values", f"{helped} samples helped, {hurt} hurt (lowered / raised the validation loss)"))
     if run.plan.exists():
         rows.append(("curation", curation_sentence(run, json.loads(run.plan.read_text()))))
-    rows.append(("report", str(run.report) if run.report.exists() else "not written"))
+    report = f"{where}/{run.report.relative_to(run.root).as_posix()}"
+    rows.append(("report", report if run.report.exists() else "not written"))
     return rows
 
 
@@ -115,10 +118,10 @@ def _grid(rows: list[tuple[str, str]]) -> Table:
     return grid
 
 
-def render(run: RunDir) -> Panel:
+def render(run: RunDir, location: str | None = None) -> Panel:
     """The summary as a rich panel (the CLI prints it after ``dvemb run``): the rows, the top samples, and
-    where report.md is last."""
-    rows = summary_rows(run)
+    where report.md is last (``location``: see summary_rows)."""
+    rows = summary_rows(run, location)
     parts: list = [_grid(rows[:-1])]
     top = top_rows(run)
     if top:

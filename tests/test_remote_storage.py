@@ -128,6 +128,7 @@ def runs(s3, tmp_path_factory) -> dict:
         took = time.perf_counter() - t0
     assert res.exit_code == 0, res.output
     assert f"done: {URI}" in one_line(res)
+    assert f"report {URI}/report.md" in one_line(res)  # the summary names the URI, not the staged copy
     return {"local": RunDir(tmp / "local"), "seconds": took}
 
 
