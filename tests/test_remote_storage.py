@@ -12,11 +12,7 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -54,47 +50,6 @@ def assert_clean_error(res, *needles: str) -> None:
     assert "Traceback" not in res.output and res.output.count("error:") == 1, res.output
     for n in needles:
         assert n in one_line(res), f"{n!r} not in {res.output!r}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> Iterator[pafs.FileSystem]:
-    """moto_server on a free port (its own credentials and region), AWS_ENDPOINT_URL pointing at it, one
-    bucket; yields a pyarrow S3 filesystem on it (the tests' independent view of the store)."""
-    port = _free_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen(
-        [str(server), "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **env},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.2)
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-                mp.setenv(k, v)
-            fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")
-            fs.create_dir(BUCKET)
-            yield fs
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 @pytest.fixture(autouse=True)
@@ -235,7 +190,9 @@ def test_missing_bucket_and_unreachable_endpoint_fail_fast(s3, cache, monkeypatc
     res = cli("score", f"s3://{BUCKET}")
     assert_clean_error(res, f"s3://{BUCKET}: a run needs a prefix inside the bucket")
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sock.getsockname()[1]}")
     for args in (run_args(URI), ["status", URI]):
         t0 = time.monotonic()
         res = cli(*args)

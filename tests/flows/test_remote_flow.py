@@ -7,53 +7,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from conftest import DIGITS, _free_port
+from conftest import DIGITS
 from typer.testing import CliRunner
 
 from dvemb.cli import app
 
 SETS = ["data.subset=300", "train.epochs=1", "embed.segments=3", "score.mode=embedding", "embed.write=always"]
 BUCKET = "dvemb-flow"
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> Iterator[pafs.FileSystem]:
-    """moto_server on a free port, AWS_ENDPOINT_URL pointing at it (set before the Dask workers start, so
-    they inherit it), one bucket; a pyarrow view of the store for the checks."""
-    port, log = _free_port(), tmp_path_factory.mktemp("moto") / "moto.log"
-    cmd = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(cmd, env={**os.environ, **AWS}, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.2)
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in {**AWS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-                mp.setenv(k, v)
-            mp.setenv("DVEMB_CACHE", str(tmp_path_factory.mktemp("cache")))
-            fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")
-            fs.create_dir(BUCKET)
-            yield fs
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+@pytest.fixture(scope="module", autouse=True)
+def staging_cache(tmp_path_factory) -> Iterator[None]:
+    """The module's own staging cache (set before the Dask workers start, so they inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DVEMB_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 def dvemb_run(out: str, *args: str):
