@@ -483,6 +483,9 @@ def plot(results: dict, img_dir: Path) -> list[Path]:
     for row, (d, r, reg) in zip(axes, longs):
         ts = reg["scatter"]["tsloo"]
         for ax, name in zip(row, shown):
+            if name not in reg["scatter"]:  # skipped on this dataset (its table row says why)
+                ax.set_title(f"{d} {r}: {name}\nskipped", fontsize=9)
+                continue
             ax.scatter(ts, reg["scatter"][name], s=4, alpha=0.6)
             rho = reg["projections"]["full"][name]["last"]["spearman"]
             ax.set_title(f"{d} {r}: {name}\nSpearman {rho:.2f}", fontsize=9)
