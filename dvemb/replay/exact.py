@@ -17,7 +17,7 @@ leave-one-out, positive = the occurrence helped) is ``f(theta'_c) - f(theta_c) â
 
     score(t, z) = <a_{t+1}, F_t(s_t, g_t - w_{t,z} grad l_z) - F_t(s_t, g_t)>
 
-(each occurrence's gradient by one backward pass, the step map evaluated once per occurrence, float64). Early
+(each occurrence's gradient by one backward pass, the step map evaluated once per occurrence). Early
 AdamW steps, where the second moment is still small, are where the two differ: removing one sample can
 flip a coordinate's update, which no derivative sees (docs/RESULTS.md, bench_exact).
 ``H_t c_t`` and every ``<c_t, grad l_z>`` of the batch come from ONE double-backward pass: with the weights
@@ -44,7 +44,9 @@ from dvemb.replay.trajectory import Trajectory, check_boundary
 
 log = logging.getLogger(__name__)
 Removal = Literal["auto", "linear", "step"]
-REMOVAL_CHUNK = 1 << 17  # parameter values per chunk of occurrences in the exact removal step (~1 MiB, float64)
+# parameter values per chunk of occurrences in the exact removal step: on a CPU about a cache's worth (larger
+# chunks measured 3-5x slower than one occurrence at a time on the MNIST MLP); an accelerator takes the batch
+REMOVAL_CHUNK = {"cpu": 1 << 17, "other": 1 << 26}
 
 
 @dataclass
@@ -157,7 +159,8 @@ def _removal_scores(
     traj: Trajectory, t: int, params: Params, state: State, g: Sequence[torch.Tensor], adjoints: dict[int, _Adjoint]
 ) -> dict[int, torch.Tensor]:
     """``<a_{t+1}, F_t(s_t, g_t - w_z grad l_z) - F_t(s_t, g_t)>`` for every occurrence z of step t and every
-    adjoint: ``{checkpoint: [B] float64}``, in float64. ``params``: theta_t, the trained ones requiring grad.
+    adjoint: ``{checkpoint: [B] float64}``, computed in the replay's dtype (float32 agrees with float64 to ~2e-6 of
+    the largest score on the MNIST MLP, 25 % faster). ``params``: theta_t, the trained ones requiring grad.
 
     Occurrences go in chunks of about ``REMOVAL_CHUNK`` parameter values, each chunk's per-sample gradients
     from its own rows of the batch (a batched backward pass), the step map vmapped over the chunk: small
@@ -166,26 +169,27 @@ def _removal_scores(
     spec, hyper, step = traj.spec, traj.steps[t].hyper, traj.steps[t]
     names = list(traj.trained(params))
     leaves = [params[k] for k in names]
-    f64 = torch.float64
-    p64 = {k: v.detach().to(f64) for k, v in params.items()}
-    s64 = {k: v.detach().to(f64) if v.is_floating_point() else v for k, v in state.items()}
-    g64 = {k: gk.detach().to(f64) for k, gk in zip(names, g)}
-    adj = [{k: v.to(f64).flatten() for k, v in {**a.params, **a.state}.items()} for a in adjoints.values()]
+    dt = traj.dtype
+    p_t = {k: v.detach().to(dt) for k, v in params.items()}
+    s_t = {k: v.detach().to(dt) if v.is_floating_point() else v for k, v in state.items()}
+    g_t = {k: gk.detach().to(dt) for k, gk in zip(names, g)}
+    adj = [{k: v.to(dt).flatten() for k, v in {**a.params, **a.state}.items()} for a in adjoints.values()]
 
     def dots(new: dict[str, torch.Tensor]) -> torch.Tensor:  # [adjoints]: <a, new state>
         return torch.stack([sum(torch.vdot(a[k], new[k].flatten()) for k in a if k in new) for a in adj])
 
     def after(wz: torch.Tensor, *gz: torch.Tensor) -> torch.Tensor:  # one occurrence removed -> [adjoints]
-        grads = {k: g64[k] - wz * gzk.to(f64) for k, gzk in zip(names, gz)}
-        new_p, new_s = optimizer_step(spec, p64, s64, grads, hyper)
+        grads = {k: g_t[k] - wz * gzk.to(dt) for k, gzk in zip(names, gz)}
+        new_p, new_s = optimizer_step(spec, p_t, s_t, grads, hyper)
         return dots(new_p | new_s)
 
     with torch.no_grad():
-        new_p, new_s = optimizer_step(spec, p64, s64, g64, hyper)
+        new_p, new_s = optimizer_step(spec, p_t, s_t, g_t, hyper)
         base = dots(new_p | new_s)
     b = len(step.weights)
-    chunk = max(1, REMOVAL_CHUNK // sum(p64[k].numel() for k in names))
-    w = step.weights.to(f64)
+    per_chunk = REMOVAL_CHUNK["cpu" if leaves[0].device.type == "cpu" else "other"]
+    chunk = max(1, per_chunk // sum(p_t[k].numel() for k in names))
+    w = step.weights.to(dt)
     out = []
     for i in range(0, b, chunk):
         losses = traj.losses(params, {k: v[i : i + chunk] for k, v in step.batch.items()})
@@ -198,4 +202,4 @@ def _removal_scores(
             gz = torch.autograd.grad(losses, leaves, rows, is_grads_batched=True)
             with torch.no_grad():
                 out.append(torch.func.vmap(after)(w[i : i + chunk], *gz))
-    return dict(zip(adjoints, (torch.cat(out) - base).T))
+    return dict(zip(adjoints, (torch.cat(out) - base).T.to(torch.float64)))
