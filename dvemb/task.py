@@ -119,14 +119,6 @@ class Task:
         """Unreduced loss of every sample: [B]. Default: cross-entropy, token mean over the mask."""
         return masked_cross_entropy(self.logits(model, batch), self.targets(batch), self.mask(batch))
 
-    def sampled_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor | None:
-        """Per-sample loss [B] against labels drawn from the model's own predictive distribution
-        (for the Monte-Carlo true Fisher). Default: sampled from ``softmax(logits)``."""
-        logits = self.logits(model, batch)
-        p = torch.softmax(logits.detach().to(torch.float64), dim=-1).reshape(-1, logits.shape[-1])
-        labels = torch.multinomial(p.cpu(), 1, generator=generator).view(logits.shape[:-1]).to(logits.device)
-        return masked_cross_entropy(logits, labels, self.mask(batch))
-
     def per_sample_accuracy(self, model: nn.Module, batch: Batch) -> torch.Tensor | None:
         """Fraction of targets predicted by the argmax of the logits, per sample [B] (token mean over the
         mask); None for a task whose loss is not a cross-entropy of its logits (see :func:`has_logits`)."""
