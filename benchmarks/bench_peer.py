@@ -156,18 +156,24 @@ def _loss_model(model, data, device):  # dattri factorization signature: the bat
 
 
 def replay(exp: Experiment, model: torch.nn.Module, before_step: Callable[[int], None] | None = None) -> dict:
-    """dvemb's replay of the recorded trajectory with ``model`` holding theta_t while ``before_step(t)`` runs."""
+    """dvemb's replay of the recorded trajectory with ``model`` holding theta_t while ``before_step(t)`` runs;
+    ``model`` ends at theta_T (where dattri computes its test gradients)."""
     traj = exp.traj
     params, state = traj.checkpoints[0], traj.opt_states[0]
-    t0 = time.perf_counter()
-    for t in range(traj.num_steps):
+
+    def load(p: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for k, v in model.named_parameters():
-                v.copy_(params[k])
+                v.copy_(p[k])
+
+    t0 = time.perf_counter()
+    for t in range(traj.num_steps):
+        load(params)
         if before_step is not None:
             before_step(t)
         params, state = traj.step(params, state, t)
-    return {"replay_s": time.perf_counter() - t0, "theta_gap": theta_gap(exp, params)}
+    load(params)
+    return {"replay_s": time.perf_counter() - t0, "theta_gap": theta_gap(exp, dict(model.named_parameters()))}
 
 
 def per_epoch_occurrences(exp: Experiment, by_epoch: list[torch.Tensor]) -> torch.Tensor:
