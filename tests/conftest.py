@@ -1,4 +1,7 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules.
+
+Imports of dvemb's CLI stay inside the fixtures: benchmarks/gpu.sh runs tests/test_gradstore_async.py on a
+machine without polars, pydantic or Prefect, and this file is loaded there too."""
 
 import os
 import socket
@@ -10,9 +13,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from dvemb.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli_run() -> Callable[..., Path]:
     """``cli_run(out, sets)``: ``dvemb run configs/digits_mlp.yaml --out OUT --engine local --set ...`` through the
     CLI (exit 0 asserted, with its output); returns OUT."""
+
+    from typer.testing import CliRunner
+
+    from dvemb.cli import app
 
     def run(out: Path, sets: list[str], config: str = "digits_mlp.yaml") -> Path:
         args = ["run", ROOT / "configs" / config, "--out", out, "--engine", "local"]
