@@ -65,7 +65,8 @@ def exact_scores(
     progress: Callable[[int], None] | None = None,
     removal: Removal = "auto",
 ) -> dict[int, list[torch.Tensor]]:
-    """First-order TSLOO of every occurrence for the validation objective at each checkpoint in ``at``.
+    """TSLOO of every occurrence for the validation objective at each checkpoint in ``at``: the later steps to
+    first order, the removal step itself to first order or exactly (``removal``).
 
     at: boundary steps (default: the last, T). objective: f(theta) (default: mean validation loss).
     verify: check every forward replay against the next recorded boundary (ReplayError, nothing returned).
