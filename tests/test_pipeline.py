@@ -78,6 +78,29 @@ def test_adamw_config_exact_mode_ranks_against_groundtruth(tmp_path):
     assert_ranks_against_groundtruth(tmp_path / "adamw", "--points", "120", "--fp64")
 
 
+def test_embeddings_of_an_adamw_run_say_they_are_the_sgd_proxy(tmp_path):
+    """Asked for embeddings (embed.write: always), an AdamW run gets the SGD recursion's with a warning."""
+    import logging
+
+    from dvemb.config import EmbedConfig
+    from dvemb.embed.run import embed_segment
+
+    sets = ["--set", "train.epochs=1", "--set", "data.subset=300", "--set", "embed.segments=2"]
+    res = cli("run", "configs/digits_adamw.yaml", "--out", str(tmp_path / "r"), "--engine", "local", *sets)
+    assert res.exit_code == 0, res.output
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("dvemb.embed.run")  # the CLI's set-up may stop dvemb.* records propagating
+    logger.addHandler(handler)
+    try:
+        paths = embed_segment(RunDir(tmp_path / "r"), 0, EmbedConfig(write="always"), score_mode="embedding")
+    finally:
+        logger.removeHandler(handler)
+    assert paths and all(Path(p).is_file() for p in paths)
+    assert any("SGD recursion (a proxy for AdamW)" in m for m in seen), seen
+
+
 def test_exact_mode_accepts_float32_drift_and_refuses_a_replay_that_misses(runs, tmp_path):
     """A float32 replay may drift (ReLU flips) up to 1e-2 relative and is scored with a warning; beyond that
     the score stage stops naming the step and writes no scores."""

@@ -59,6 +59,12 @@ def embed_segment(
         )
         return ()
     check_not_dropped(run, [run.grads(segment)], "embed")
+    if run.meta().get("optimizer", {}).get("kind") == "adamw":
+        log.warning(
+            "embed: segment %d of an AdamW run: these embeddings follow the SGD recursion (a proxy for AdamW); "
+            "the score stage scores AdamW runs with the Adam-aware recursion or exactly, not from them",
+            segment,
+        )
     records = read_segment(run.grads(segment), expected_steps=range(b[segment], b[segment + 1]), kind="grads")
     curv = curvature_fn(run, embed.curvature, [segment])
     emb, prop = embed_steps(
