@@ -25,6 +25,10 @@ compared per phase like an occurrence estimator. Median of ``--repeats`` runs pe
 block-diagonal (one M per Linear layer, bias folded in) unless ``-model``; dattri DVEmb keeps one full M
 over all tracked parameters.
 
+Check: unprojected, dattri DVEmb computes exactly dvemb's empirical-model estimator, so the benchmark stops
+(writing nothing) unless their scores agree to ``AGREE_RTOL`` (max |dattri - dvemb| / max |dvemb|) in the first
+epoch, the last epoch and over all occurrences; the measured deviations go to the JSON (``dattri_check``).
+
 Install the peers into the benchmark environment only (not dvemb dependencies)::
 
     pip install -r benchmarks/requirements-peer.txt
@@ -72,6 +76,15 @@ F64 = torch.float64
 # dvemb per-layer (k_a, k_s); dattri's matched Kronecker projection uses k per side, n_layers * k^2 total.
 PROJECTIONS = {"full": None, "32x32": 32, "8x8": 8}
 N_LAYERS = 2
+# Unprojected, dattri DVEmb and dvemb's empirical-model estimator are one computation (empirical Fisher, one
+# curvature block over all tracked parameters), both in float64 (dattri computes in the model's dtype; dvemb's run
+# is FP64), on the same trajectory (theta_gap ~ 1e-16). They differ only in summation order: a score sums N = T*B
+# rank-one terms into M, then two products of length d = 2410, so its rounding error is at most
+# (N + 2d) u ~ 1.6e-12 (long regime, u = 1.1e-16) of the sums of |terms|. The tolerance on
+# max |dattri - dvemb| / max |dvemb| per phase leaves 600x that for cancellation and stays below float32's
+# u = 6e-8 (a float32 leak fails); measured 1.6e-15 (quick) and 5e-15 (long). Real mismatches are far above it:
+# test gradients at theta_{T-1} 0.1, dvemb's layer blocks 0.16-0.39.
+AGREE_RTOL = 1e-9
 
 
 def median_runs(fn: Callable[[], dict], repeats: int) -> dict:
@@ -176,11 +189,51 @@ def replay(exp: Experiment, model: torch.nn.Module, before_step: Callable[[int],
     return {"replay_s": time.perf_counter() - t0, "theta_gap": theta_gap(exp, dict(model.named_parameters()))}
 
 
+def occurrence_epochs(exp: Experiment) -> torch.Tensor:
+    """The epoch of every occurrence in the recorded order [occurrences]."""
+    return torch.tensor(exp.traj.epochs).repeat_interleave(torch.tensor([len(s.sample_ids) for s in exp.traj.steps]))
+
+
 def per_epoch_occurrences(exp: Experiment, by_epoch: list[torch.Tensor]) -> torch.Tensor:
     """Occurrence scores in the recorded order from per-sample values of each epoch (indexed by sample id)."""
-    epochs = torch.tensor(exp.traj.epochs).repeat_interleave(torch.tensor([len(s.sample_ids) for s in exp.traj.steps]))
     values = torch.stack([v.to(F64) for v in by_epoch])  # [epochs, max id + 1]
-    return values[epochs, exp.occ_ids]
+    return values[occurrence_epochs(exp), exp.occ_ids]
+
+
+PHASES = {"first": "first epoch", "last": "last epoch", "all": "all epochs"}
+
+
+def deviation(exp: Experiment, got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
+    """max |got - want| / max |want| over the first-epoch, the last-epoch and all occurrences (got, want: scores
+    [occurrences] in the recorded order)."""
+    epochs = occurrence_epochs(exp)
+    phases = {"first": epochs == 0, "last": epochs == exp.epochs - 1, "all": torch.ones_like(epochs, dtype=torch.bool)}
+    return {ph: float((got[m] - want[m]).abs().max() / want[m].abs().max()) for ph, m in phases.items()}
+
+
+def check_agreement(exp: Experiment, regime: str, dattri: str, peer: dict, dvemb: dict[str, torch.Tensor]) -> list:
+    """Per dvemb mode: the deviation (per phase) of dattri's unprojected DVEmb scores (``peer``: run_dattri_dvemb's
+    result for variant ``dattri``) from dvemb's empirical-model scores ``dvemb`` (mode -> scores [occurrences]).
+    Stops the benchmark, before anything is written, when one exceeds ``AGREE_RTOL`` or dattri did not compute in
+    float64."""
+    if peer["dtype"] != F64:
+        raise SystemExit(
+            f"bench_peer: {regime} regime: dattri DVEmb ({dattri}) computed in {peer['dtype']}, not float64; the "
+            "agreement check's tolerance assumes float64. No results written."
+        )
+    rows = []
+    for mode, want in dvemb.items():
+        dev = deviation(exp, peer["occ"], want)
+        for phase, d in dev.items():
+            if not d <= AGREE_RTOL:  # NaN fails too
+                raise SystemExit(
+                    f"bench_peer: {regime} regime, {PHASES[phase]}: dattri DVEmb ({dattri}) disagrees with dvemb "
+                    f"empirical-model ({mode}): max |dattri - dvemb| / max |dvemb| = {d:.3e} > {AGREE_RTOL:.0e} "
+                    f"(same estimator, both float64; dattri's replay ends {peer['theta_gap']:.1e} from the recorded "
+                    "theta_T). No results written."
+                )
+        rows.append({"dattri": dattri, "dvemb": f"empirical-model, {mode}", **dev})
+    return rows
 
 
 def run_dattri_dvemb(exp: Experiment, factorization: str, proj_dim: int | None) -> dict:
@@ -215,6 +268,7 @@ def run_dattri_dvemb(exp: Experiment, factorization: str, proj_dim: int | None) 
         "score_s": score_s,
         "occ": per_epoch_occurrences(exp, by_epoch),
         "dim": att.embeddings[exp.epochs - 1].shape[1],
+        "dtype": att.embeddings[exp.epochs - 1].dtype,
         "theta_gap": r["theta_gap"],
     }
 
@@ -277,6 +331,7 @@ def run_regime(
         "loo_seconds": truth["last"][5],
         "tsloo_abs_mean": {phase: float(t[1].abs().mean()) for phase, t in truth.items()},
         "methods": [],
+        "dattri_check": {"rtol": AGREE_RTOL, "rows": []},
     }
 
     def add(method, proj, variant, dim, occ, capture_s, embed_s, score_s, extra=None):
@@ -307,6 +362,10 @@ def run_regime(
         for kind, curv, blocks in runs:
             projection = (k, k, kind)
             r = median_runs(lambda p=projection, c=curv, bl=blocks: run_dvemb(exp, p, c, bl), repeats)
+            if k is None and kind == "kronecker" and curv == "empirical":  # what unprojected dattri DVEmb computes
+                model_scores = {mode: r[f"model:{mode}"] for mode in ("embedding", "direct")}
+                # the nearest different estimator (block-diagonal M): how far a real mismatch lands
+                out["dattri_check"]["layer_blocks"] = deviation(exp, r["layer:embedding"], r["model:embedding"])
             for bl in blocks:
                 extra = {"train_s": r["train_s"], "theta_gap": r["theta_gap"], "emb_vs_direct_rel": r[f"{bl}:rel"]}
                 for mode in ("embedding", "direct"):
@@ -337,6 +396,8 @@ def run_regime(
             r = median_runs(lambda f=fact, p=proj_dim: run_dattri_dvemb(exp, f, p), repeats)
             label = f"{fact}" + (f", proj_dim {proj_dim}" if proj_dim else ", unprojected")
             extra = {"train_s": r["train_s"], "theta_gap": r["theta_gap"]}
+            if proj_dim is None:
+                out["dattri_check"]["rows"] += check_agreement(exp, name, label, r, model_scores)
             add(
                 "dattri DVEmb",
                 proj,
@@ -441,6 +502,14 @@ def table(results: dict) -> str:
             f"capture {reg['train_plain_s']:.2f} s, replay of the trajectory {reg['replay_plain_s']:.2f} s; TSLOO "
             f"of {results['n_tsloo_points']} first-epoch and as many last-epoch occurrences (mean |TSLOO| "
             f"{ts['first']:.1e} / {ts['last']:.1e}), all-epoch LOO of {results['n_loo_samples']} samples.\n"
+        )
+        chk = reg["dattri_check"]
+        worst = {ph: max(r[ph] for r in chk["rows"]) for ph in ("first", "last")}
+        lines.append(
+            f"Check: unprojected dattri DVEmb (both variants) equals dvemb empirical-model (both modes) to max "
+            f"|dattri - dvemb| / max |dvemb| {worst['first']:.1e} (first epoch) / {worst['last']:.1e} (last epoch), "
+            f"tolerance {chk['rtol']:.0e}; dvemb's layer blocks differ from empirical-model by "
+            f"{chk['layer_blocks']['first']:.1e} / {chk['layer_blocks']['last']:.1e}.\n"
         )
         lines.append(
             "| projection | method | variant | dim | first epoch: Spearman / Pearson / scale "
