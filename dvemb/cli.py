@@ -359,6 +359,8 @@ def status(
                 line += f": {meta['error']}"
             console.print(escape(line))
             for extra in status_lines(run, meta):
+                if remote.is_remote(run_dir):  # continue the run as the user named it, not its staged copy
+                    extra = extra.replace(str(run.root), run_dir)
                 console.print(f"[yellow]{escape(extra)}[/]")
             for stage in STAGES:
                 try:

@@ -3,7 +3,8 @@
 scores equal a local run's to the bit; its listing is manifest.json plus exactly the files it lists, each
 with the listed sha256; a second machine (empty cache) checks and re-scores it from the URI; a tampered
 object, a missing bucket, an endpoint that does not answer are named (exit 2); a run is never overwritten
-without --force, and --force deletes only the run's own prefix."""
+without --force, and --force deletes only the run's own prefix. ``--resume`` on the URI, from a machine whose
+cache is empty, finishes a stopped run bit-identical to an uninterrupted one without redoing what was done."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 from dvemb.cli import app
 from dvemb.store import remote
 from dvemb.store.rundir import RunDir
+from dvemb.train.module import Trainee
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits_mlp.yaml"
@@ -87,13 +89,19 @@ def runs(s3, tmp_path_factory) -> dict:
     return {"local": RunDir(tmp / "local"), "seconds": took}
 
 
-def test_scores_on_s3_equal_local_and_listing_matches_manifest(s3, runs) -> None:
-    objects = remote_files(s3, "runs/r1")
+def listed_objects(fs: pafs.FileSystem, prefix: str) -> tuple[dict[str, bytes], dict[str, dict]]:
+    """The run's objects and its manifest's entries, asserting that the listing is exactly manifest.json plus
+    the files it lists, each with its size and sha256 (read back from the store)."""
+    objects = remote_files(fs, prefix)
     manifest = json.loads(objects.pop("manifest.json"))["files"]
-    # exactly the files the manifest lists, each with its size and sha256 (read back from the store)
     assert set(objects) == set(manifest)
     for rel, data in objects.items():
         assert (len(data), hashlib.sha256(data).hexdigest()) == (manifest[rel]["size"], manifest[rel]["sha256"]), rel
+    return objects, manifest
+
+
+def test_scores_on_s3_equal_local_and_listing_matches_manifest(s3, runs) -> None:
+    objects, manifest = listed_objects(s3, "runs/r1")
     # the same files as the local run (run.json differs: timings), and the same scores to the bit
     local = runs["local"]
     assert set(manifest) == set(json.loads((local.root / "manifest.json").read_text())["files"])
@@ -200,6 +208,117 @@ def test_missing_bucket_and_unreachable_endpoint_fail_fast(s3, cache, monkeypatc
         assert_clean_error(res, URI, "Could not connect to server")
         assert took < 20, took  # pyarrow's default: 3 attempts with back-off, about 6 s
     assert not cache.exists()  # nothing staged, nothing written
+
+
+# files that name the run's folder or record times; checkpoints/resume-*: loop bookkeeping (tests/test_resume.py)
+UNCOMPARED = ("run.json", "report.md", "curation/plan.json", "plots/", "checkpoints/resume-")
+
+
+def assert_equals_uninterrupted(objects: dict[str, bytes], local: RunDir) -> None:
+    """The remote run holds the files of the uninterrupted local run, each bit-identical (but UNCOMPARED)."""
+    assert set(objects) == set(json.loads((local.root / "manifest.json").read_text())["files"])
+    compared = [rel for rel in objects if not rel.startswith(UNCOMPARED)]
+    assert {"scores/occurrences.parquet", "scores/samples.parquet", "embeddings/seg-0001-rank-0.arrow"} <= set(compared)
+    for rel in compared:
+        assert objects[rel] == (local.root / rel).read_bytes(), rel
+
+
+def kept_state(fs: pafs.FileSystem, uri: str, rels: list[str]) -> dict[str, tuple]:
+    """Per file of the run: (mtime_ns in the staged copy, bytes and modification time of its object)."""
+    copy, base = remote.staging_dir(uri), uri.removeprefix("s3://")
+    out = {}
+    for rel in rels:
+        with fs.open_input_stream(f"{base}/{rel}") as f:
+            out[rel] = ((copy / rel).stat().st_mtime_ns, f.read(), fs.get_file_info(f"{base}/{rel}").mtime)
+    return out
+
+
+def test_resume_on_the_uri_continues_a_failed_training_on_another_machine(s3, runs, cache, monkeypatch) -> None:
+    """Training fails at step 5 (of 7; boundaries 0, 4, 7): what it finished is pushed. A second machine
+    (empty cache) is told how to continue, resumes from step 4 (CONFIG left out: the run's own), and the
+    finished run in the bucket is the uninterrupted run's, file for file, bit for bit."""
+    uri = f"s3://{BUCKET}/runs/failed-train"
+    real = Trainee.training_step
+
+    def dying(self, batch, batch_idx):
+        if self.trainer.global_step == 5:
+            raise RuntimeError("the machine went away")
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(Trainee, "training_step", dying)
+    res = cli(*run_args(uri))
+    monkeypatch.setattr(Trainee, "training_step", real)
+    assert res.exit_code == 1 and "RuntimeError: the machine went away" in one_line(res), res.output
+    stopped, _ = listed_objects(s3, "runs/failed-train")
+    meta = json.loads(stopped["run.json"])
+    assert (meta["status"], meta["failed_at_step"]) == ("failed", 5)
+    assert {"checkpoints/resume-000004.safetensors", "grads/seg-0000-rank-0.arrow"} <= set(stopped)
+    assert not any(rel.startswith(("grads/seg-0001", "embeddings/", "scores/")) for rel in stopped)
+
+    shutil.rmtree(cache)  # another machine
+    res = cli("status", uri)
+    assert res.exit_code == 0, res.output
+    assert f"last boundary checkpoint: step 4 of 7; continue with: dvemb run --out {uri} --resume" in one_line(res)
+    kept = ["data/train.parquet", "checkpoints/step-000004.safetensors", "checkpoints/optimizer-000004.safetensors"]
+    kept += ["grads/seg-0000-rank-0.arrow", "trajectory/segments/steps-0000.parquet"]
+    before = kept_state(s3, uri, kept)
+
+    res = cli("run", "--out", uri, "--resume", "--engine", "local")
+    assert res.exit_code == 0 and f"done: {uri}" in one_line(res), res.output
+    objects, _ = listed_objects(s3, "runs/failed-train")
+    meta = json.loads(objects["run.json"])
+    assert meta["status"] == "trained" and meta["resumed_from"] == [4] and "error" not in meta
+    assert not any(rel.startswith("trajectory/segments/") for rel in objects)  # merged, then dropped everywhere
+    kept.remove("trajectory/segments/steps-0000.parquet")
+    assert kept_state(s3, uri, kept) == {rel: before[rel] for rel in kept}  # not redone, not uploaded again
+    assert_equals_uninterrupted(objects, runs["local"])
+
+
+def test_resume_on_the_uri_redoes_only_what_is_missing(s3, runs, cache) -> None:
+    """Trained and one of two segments embedded, nothing more: a second machine's ``dvemb run CONFIG --resume``
+    embeds segment 1 only, scores and curates; the kept files are neither recomputed in its copy nor
+    uploaded again; the finished run is the uninterrupted one's."""
+    uri = f"s3://{BUCKET}/runs/half-embedded"
+    sets = [a for s in TINY for a in ("--set", s)]
+    assert cli("train", CONFIG, "--out", uri, *sets).exit_code == 0
+    assert cli("embed", uri, "--segment", "0").exit_code == 0
+
+    shutil.rmtree(cache)  # another machine
+    res = cli("status", uri)
+    assert res.exit_code == 0, res.output
+    assert "train complete" in one_line(res) and "embed incomplete; missing embeddings/seg-0001" in one_line(res)
+    kept = [rel for rel in remote_files(s3, "runs/half-embedded") if rel not in ("run.json", "manifest.json")]
+    assert {
+        "embeddings/seg-0000-rank-0.arrow",
+        "grads/seg-0001-rank-0.arrow",
+        "checkpoints/step-000007.safetensors",
+    } <= set(kept)
+    before = kept_state(s3, uri, kept)
+
+    res = cli(*run_args(uri, "--resume"))
+    assert res.exit_code == 0 and f"done: {uri}" in one_line(res), res.output
+    objects, _ = listed_objects(s3, "runs/half-embedded")
+    assert kept_state(s3, uri, kept) == before
+    assert "resumed_from" not in json.loads(objects["run.json"])  # training was finished: kept as it was
+    assert_equals_uninterrupted(objects, runs["local"])
+
+
+def test_resume_on_the_uri_refuses_what_cannot_be_right(s3, runs, cache) -> None:
+    """As for a local run directory (tests/test_resume.py): another config, no run there, --force with it;
+    each a one-line error naming the URI (exit 2), and the bucket untouched."""
+    before = remote_files(s3, "runs")
+    res = cli(*run_args(URI, "--resume", "--set", "train.lr=0.2"))
+    assert_clean_error(
+        res, f"{URI}: cannot resume with a config other than the run's own (train.lr: 0.1 in run.json, 0.2 given"
+    )
+    assert str(cache) not in res.output  # the run is named as the user gave it, never by its staged copy
+    none = f"s3://{BUCKET}/runs/none"
+    assert_clean_error(cli("run", "--out", none, "--resume", "--engine", "local"), f"{none}: no run.json")
+    with s3.open_output_stream(f"{BUCKET}/runs/not-a-run/x.txt") as f:
+        f.write(b"keep")
+    assert_clean_error(cli(*run_args(f"s3://{BUCKET}/runs/not-a-run", "--resume")), "holds 1 object(s) but no run.json")
+    assert_clean_error(cli("run", "--out", URI, "--resume", "--force", "--engine", "local"), "--resume and --force")
+    assert remote_files(s3, "runs") == {**before, "not-a-run/x.txt": b"keep"}
 
 
 def test_gc_on_the_uri_drops_objects_inside_the_run_only(s3, runs) -> None:

@@ -269,7 +269,7 @@ def pull(remote: Remote, root: Path, prune: bool = True) -> dict[str, int]:
     remote manifest no longer lists. Returns ``{"files": downloaded, "bytes": downloaded bytes}``."""
     files = remote.manifest()
     if files is None or _RUN_MARKER not in files:
-        raise StoreError(f"{remote.uri}: no dvemb run there (no manifest.json listing run.json)")
+        raise StoreError(f"{remote.uri}: no run.json — not a dvemb run directory (no manifest.json there lists one)")
     root.mkdir(parents=True, exist_ok=True)
     have = _local_manifest(root)
     got = {}
