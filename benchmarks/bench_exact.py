@@ -18,8 +18,9 @@ LAST epoch. Estimators, all scored at the final checkpoint:
   modes on the captured gradients (what dvemb did with every optimizer before the replay scorer),
   unprojected and at 32x32;
 * ``adam-empirical`` / ``adam-fisher-model`` — the Adam-aware direct mode (linearised AdamW state,
-  dvemb.embed.adam), where the optimizer is AdamW; ``32x32-sub`` captures a coordinate subset (D exact),
-  ``32x32`` a Gaussian projection (D frozen per layer and segment).
+  dvemb.embed.adam), where the optimizer is AdamW and the store keeps the gradient's own coordinates
+  (unprojected, or ``32x32-sub``: a coordinate subset, D exact on it); a Gaussian ``32x32`` store cannot carry
+  Adam's elementwise state (the SGD proxy only; the options for it: benchmarks/bench_adam_projection.py).
 
 Reported per phase: Spearman and Pearson vs TSLOO and the least-squares scale (the factor s minimising
 ||tsloo - s * estimate||; 1 = calibrated). Cost: wall time of the exact sweep over the time of replaying

@@ -125,3 +125,49 @@ def test_adam_recursion_equals_dense_linearised_step_maps():
         torch.testing.assert_close(got[t][:, 0], want, rtol=1e-10, atol=1e-14)
         u = jac[t].T @ u
     assert max(float(s.abs().max()) for s in got) > 1e-6
+
+
+def test_kronecker_store_recursion_equals_the_recursion_without_v_path_when_d_is_constant_rank1():
+    """benchmarks/bench_adam_projection's Kronecker-store recursion applies each step's D as its gradient enters
+    the momentum; for a constant rank-1 D (and the identity projection) that is exact, so it must equal the
+    Adam-aware recursion with the v path dropped, to 1e-10."""
+    from benchmarks.bench_adam_projection import Kronecker, kronecker_scores, without_v
+    from dvemb.embed.propagator import empirical_fisher
+
+    torch.manual_seed(0)
+    model = Net().double()
+    cap = GradientCapture(model, ProjectionConfig(k_a=None, k_s=None, dtype="float64"))
+    coords = StoredCoordinates(model, cap.specs, torch.float64)
+    n, shape, eps = D_OUT * (D_IN + 1), (D_OUT, D_IN + 1), 1e-30
+    gen = torch.Generator().manual_seed(2)
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    a, b = rand(D_OUT).abs() + 0.5, rand(D_IN + 1).abs() + 0.5  # sqrt(v_hat) = a b^T, constant
+    records, coef = [], []
+    for t in range(T):
+        records.append(
+            StepGrads(
+                t, torch.arange(B) + 10 * t, torch.full((B,), 1.0 / B, dtype=torch.float64), {"lin": rand(B, n) * 0.1}
+            )
+        )
+        c1 = torch.full((n,), 1e-2 * (1 - t / 20), dtype=torch.float64)
+        d = 1 / (torch.outer(a, b).reshape(-1) + eps)
+        coef.append(
+            {
+                "lin": {
+                    "c1": c1,
+                    "c1d": c1 * d,
+                    "c1s": rand(n),
+                    "g": rand(n),
+                    "decay": torch.full((n,), 0.999, dtype=torch.float64),
+                }
+            }
+        )
+    run = AdamRun(BETAS, eps, [[0.0, 0.0]] * T, [[0.0, 0.0]] * T, [1.0] * T, {"lin.weight": 0, "lin.bias": 0}, {})
+    val = {"lin": rand(1, n)}
+    params = dict(model.named_parameters())
+    want = adam_direct_scores(records, run, coords, params, val, blocks="model", coef=without_v(coef))
+    got = kronecker_scores(records, coef, run.clip, empirical_fisher, val, BETAS[0], eps, Kronecker(cap.specs, None))
+    assert shape == cap.specs["lin"].shape
+    for t in range(T):
+        torch.testing.assert_close(got[t], want[t][:, 0], rtol=1e-10, atol=1e-15)
+    assert max(float(s.abs().max()) for s in got) > 1e-6

@@ -95,10 +95,11 @@ class StoredCoordinates:
         return out
 
 
-def _coefficients(
+def adam_coefficients(
     records: Sequence[StepGrads], run: AdamRun, coords: StoredCoordinates, params: Mapping[str, torch.Tensor]
 ) -> list[dict[str, dict[str, torch.Tensor]]]:
-    """Per step and layer: c1 D, c1 S, the clipped batch gradient g, the decay factor (stored coordinates)."""
+    """Per step and layer (stored coordinates, [dim] each): ``c1`` = lr / bc1, ``c1d`` = c1 D, ``c1s`` = c1 S,
+    ``g`` the clipped batch gradient, ``decay`` = 1 - lr wd."""
     b1, b2 = run.betas
     if not coords.exact():
         raise CaptureError(
@@ -141,7 +142,13 @@ def _coefficients(
             root = torch.sqrt(v)
             denom = root / bc2**0.5 + run.eps
             s = torch.where(root > 0, m / (2 * root.clamp_min(1e-300) * bc2**0.5 * denom**2), torch.zeros_like(m))
-            step[n] = {"c1d": c1 / denom, "c1s": c1 * s, "g": g, "decay": 1 - lr[n] * wd[n]}
+            step[n] = {
+                "c1": c1 * torch.ones_like(m),
+                "c1d": c1 / denom,
+                "c1s": c1 * s,
+                "g": g,
+                "decay": 1 - lr[n] * wd[n],
+            }
         out.append(step)
     return out
 
@@ -154,15 +161,17 @@ def adam_direct_scores(
     validation: Vectors,
     curvature: Callable[[StepGrads], Curvature] | None = None,
     blocks: str = "layer",
+    coef: list[dict[str, dict[str, torch.Tensor]]] | None = None,
 ) -> list[torch.Tensor]:
     """Per-step scores [B_t, V] at the checkpoint right after ``records`` (consecutive steps from a boundary).
 
     params: parameter name -> a tensor of its shape (for the per-parameter LR / decay / state maps);
-    validation: layer -> [V, D] projected validation gradients at that checkpoint.
+    validation: layer -> [V, D] projected validation gradients at that checkpoint;
+    coef: :func:`adam_coefficients` of ``records`` (None: computed here).
     """
     b1, b2 = run.betas
     dt = coords.dtype
-    coef = _coefficients(records, run, coords, params)
+    coef = coef if coef is not None else adam_coefficients(records, run, coords, params)
     names = list(coords.specs)
     rho = {n: coords.ratio(n) for n in names}  # inner products over a coordinate subset, scaled to the full
     u = {n: validation[n].to(dt).T.contiguous() for n in names}  # [D, V]
