@@ -274,6 +274,33 @@ def test_resume_on_the_uri_continues_a_failed_training_on_another_machine(s3, ru
     assert_equals_uninterrupted(objects, runs["local"])
 
 
+def test_ctrl_c_on_a_uri_run_uploads_what_it_finished_and_resumes_elsewhere(s3, runs, cache, monkeypatch) -> None:
+    """Ctrl-C at step 5 (of 7): the CLI says how to continue with the URI, the finished files and run.json
+    ('cancelled') are pushed, and a second machine (empty cache) resumes from step 4 to the uninterrupted run."""
+    uri = f"s3://{BUCKET}/runs/ctrl-c"
+    real = Trainee.training_step
+
+    def interrupted(self, batch, batch_idx):
+        if self.trainer.global_step == 5:
+            raise KeyboardInterrupt
+        return real(self, batch, batch_idx)
+
+    monkeypatch.setattr(Trainee, "training_step", interrupted)
+    res = cli(*run_args(uri))
+    monkeypatch.setattr(Trainee, "training_step", real)
+    assert res.exit_code == 130 and f"continue with: dvemb run --out {uri} --resume" in one_line(res), res.output
+    stopped, _ = listed_objects(s3, "runs/ctrl-c")
+    assert json.loads(stopped["run.json"])["status"] == "cancelled"
+    assert {"checkpoints/resume-000004.safetensors", "grads/seg-0000-rank-0.arrow"} <= set(stopped)
+
+    shutil.rmtree(cache)  # another machine
+    res = cli("run", "--out", uri, "--resume", "--engine", "local")
+    assert res.exit_code == 0 and f"done: {uri}" in one_line(res), res.output
+    objects, _ = listed_objects(s3, "runs/ctrl-c")
+    assert json.loads(objects["run.json"])["resumed_from"] == [4]
+    assert_equals_uninterrupted(objects, runs["local"])
+
+
 def test_resume_on_the_uri_redoes_only_what_is_missing(s3, runs, cache) -> None:
     """Trained and one of two segments embedded, nothing more: a second machine's ``dvemb run CONFIG --resume``
     embeds segment 1 only, scores and curates; the kept files are neither recomputed in its copy nor

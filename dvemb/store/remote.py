@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -43,6 +44,7 @@ import pyarrow.fs as pafs
 from dvemb.errors import DamagedFileError, DvembError, RunPathError, StoreError
 from dvemb.store import integrity
 
+log = logging.getLogger(__name__)
 CHUNK = 8 << 20  # bytes per read / write while streaming a file
 CACHE_ENV = "DVEMB_CACHE"
 _RUN_MARKER = integrity.RUN_MARKER
@@ -358,7 +360,8 @@ def staged(
 ) -> Iterator[Path]:
     """Yield a local run directory for ``target``: the path itself when local; else a staged copy, pulled
     first and pushed when the block ends (also after an error: its finalised files, e.g. run.json with the
-    failure, so that ``--resume`` works from anywhere; a KeyboardInterrupt pushes nothing).
+    failure or a Ctrl-C, so that ``--resume`` works from anywhere; a second Ctrl-C stops that upload, and
+    what it had not written into manifest.json is not part of the run).
 
     new: a run is created there (:func:`prepare`'s overwrite rule; the copy starts empty unless
     ``resume``). read_only: nothing is pushed (a reader; or a parallel task, which uploads its own files
@@ -379,10 +382,12 @@ def staged(
         base = _local_manifest(root)
     try:
         yield root
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:
         if isinstance(e, DvembError) and len(e.args) == 1 and isinstance(e.args[0], str):
             e.args = (e.args[0].replace(str(root), remote.uri),)  # name the run as the user gave it
         if not read_only:
+            if isinstance(e, KeyboardInterrupt):
+                log.warning("interrupted: uploading the finished files of %s (Ctrl-C again to skip)", remote.uri)
             with suppress(Exception):  # the stage's own error is the one to report
                 push(remote, root, base)
         raise
