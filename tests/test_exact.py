@@ -164,14 +164,16 @@ def test_step_removal_is_the_derivative_along_the_exact_removal_step(opt, clip):
         assert float(last[pos]) == pytest.approx(tsloo, rel=1e-10, abs=1e-14)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 1 << 30])
-def test_step_removal_is_the_same_in_any_chunking(chunk, monkeypatch):
-    """Occurrences one at a time (large models), in chunks, or the whole batch at once (small ones)."""
+@pytest.mark.parametrize("chunk, block", [(1, 1), (3, 7), (3, 1 << 30), (1 << 30, 5)])
+def test_step_removal_is_the_same_in_any_chunking(chunk, block, monkeypatch):
+    """Occurrences one at a time (large models), in chunks, or the whole batch at once (small ones); the step
+    map over blocks of single coordinates, a few, or whole parameters; clipped (each occurrence's own factor)."""
     import dvemb.replay.exact as exact
 
     traj = make_trajectory("adamw", 0.5)
     want = torch.cat(exact_scores(traj, removal="step")[14])
     monkeypatch.setitem(exact.REMOVAL_CHUNK, "cpu", chunk * 88)  # 88 parameters in Tiny
+    monkeypatch.setitem(exact.REMOVAL_BLOCK, "cpu", block * min(chunk, 8))  # values; a block spans the chunk's rows
     assert torch.allclose(torch.cat(exact_scores(traj, removal="step")[14]), want, rtol=1e-10, atol=1e-15)
 
 
@@ -180,3 +182,34 @@ def test_auto_removal_takes_the_exact_step_for_adamw_and_clipping():
 
     for opt, clip, want in [("adamw", None, True), ("sgd-wd", 0.5, True), ("momentum-nesterov", None, False)]:
         assert removal_is_step(make_trajectory(opt, clip).spec, "auto") is want
+
+
+class Checked(nn.Module):
+    """Tiny's network with a data check that reads a value (``.item()``): torch.func cannot vmap it."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(x).all().item():
+            raise ValueError("non-finite input")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_step_removal_of_a_model_torch_func_cannot_vmap(clip):
+    """Per-sample gradients fall back to a batched backward pass; the scores are the same to 1e-12."""
+    traj = make_trajectory("adamw", clip)
+    want = torch.cat(exact_scores(traj, removal="step")[14])
+    traj.net.model = Checked(traj.net.model)
+    traj.checkpoints = {b: {f"net.{k}": v for k, v in p.items()} for b, p in traj.checkpoints.items()}
+    traj.spec = OptimizerSpec(
+        groups=tuple(tuple(f"net.{n}" for n in g) for g in traj.spec.groups),
+        **{k: getattr(traj.spec, k) for k in ("kind", "betas", "eps", "grad_clip")},
+    )
+    traj.opt_states = {b: {f"net.{k}": v for k, v in s.items()} for b, s in traj.opt_states.items()}
+    with pytest.raises(RuntimeError):  # the premise: torch.func refuses this model
+        torch.func.vmap(lambda x: traj.net.model(x[None]).sum())(traj.val[0]["x"])
+    got = torch.cat(exact_scores(traj, removal="step")[14])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)

@@ -17,7 +17,7 @@ leave-one-out, positive = the occurrence helped) is ``f(theta'_c) - f(theta_c) â
 
     score(t, z) = <a_{t+1}, F_t(s_t, g_t - w_{t,z} grad l_z) - F_t(s_t, g_t)>
 
-(each occurrence's gradient by one backward pass, the step map evaluated once per occurrence). Early
+(per-sample gradients in one vmapped pass per chunk, the step map over all of a chunk's occurrences). Early
 AdamW steps, where the second moment is still small, are where the two differ: removing one sample can
 flip a coordinate's update, which no derivative sees (docs/RESULTS.md, bench_exact).
 ``H_t c_t`` and every ``<c_t, grad l_z>`` of the batch come from ONE double-backward pass: with the weights
@@ -33,20 +33,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dvemb.replay.optim import SEP, OptimizerSpec, Params, State, optimizer_step
+from dvemb.replay.optim import CLIP_EPS, SEP, OptimizerSpec, Params, State, clip_coefficient, optimizer_step
 from dvemb.replay.trajectory import Trajectory, check_boundary
 
 log = logging.getLogger(__name__)
 Removal = Literal["auto", "linear", "step"]
-# parameter values per chunk of occurrences in the exact removal step: on a CPU about a cache's worth (larger
-# chunks measured 3-5x slower than one occurrence at a time on the MNIST MLP); an accelerator takes the batch
-REMOVAL_CHUNK = {"cpu": 1 << 17, "other": 1 << 26}
+# the exact removal step, in values: per-sample gradients held at once ([occurrences, parameters]; memory), and
+# one block of the elementwise step map ([occurrences, coordinates]): on a CPU about a cache's worth (the step
+# map is memory-bound; on the MNIST MLP 2^17 beat 2^15 and 2^19 by 1.2-1.5x); an accelerator takes large ones
+REMOVAL_CHUNK = {"cpu": 1 << 24, "other": 1 << 28}
+REMOVAL_BLOCK = {"cpu": 1 << 17, "other": 1 << 26}
 
 
 @dataclass
@@ -160,47 +162,69 @@ def _removal_scores(
     traj: Trajectory, t: int, params: Params, state: State, g: Sequence[torch.Tensor], adjoints: dict[int, _Adjoint]
 ) -> dict[int, torch.Tensor]:
     """``<a_{t+1}, F_t(s_t, g_t - w_z grad l_z) - F_t(s_t, g_t)>`` for every occurrence z of step t and every
-    adjoint: ``{checkpoint: [B] float64}``, computed in the replay's dtype (float32 agrees with float64 to ~2e-6 of
-    the largest score on the MNIST MLP, 25 % faster). ``params``: theta_t, the trained ones requiring grad.
+    adjoint: ``{checkpoint: [B] float64}``, computed in the replay's dtype (float32 agrees with float64 to ~3e-6 of
+    the largest score on the MNIST MLP). ``params``: theta_t, the trained ones requiring grad.
 
-    Occurrences go in chunks of about ``REMOVAL_CHUNK`` parameter values, each chunk's per-sample gradients
-    from its own rows of the batch (a batched backward pass), the step map vmapped over the chunk: small
-    models take the whole batch at once, large ones one sample at a time (memory O(parameters); a plain
-    loop there, as vmap's per-op overhead then outweighs batching)."""
+    Occurrences go in chunks of about ``REMOVAL_CHUNK`` per-sample gradient values ([occurrences, parameters],
+    one batched pass each, :func:`_per_sample_grads`). The step map then runs over blocks of about
+    ``REMOVAL_BLOCK`` values ([occurrences, coordinates of one parameter]): it is elementwise, so each block is
+    one ``optimizer_step`` call, and the score accumulates ``<a, new - base>`` block by block (differences, not
+    two large sums). With clipping, each occurrence's clip factor comes from its own gradient's norm first."""
     spec, hyper, step = traj.spec, traj.steps[t].hyper, traj.steps[t]
     names = list(traj.trained(params))
-    leaves = [params[k] for k in names]
     dt = traj.dtype
-    p_t = {k: v.detach().to(dt) for k, v in params.items()}
-    s_t = {k: v.detach().to(dt) if v.is_floating_point() else v for k, v in state.items()}
-    g_t = {k: gk.detach().to(dt) for k, gk in zip(names, g)}
-    adj = [{k: v.to(dt).flatten() for k, v in {**a.params, **a.state}.items()} for a in adjoints.values()]
-
-    def dots(new: dict[str, torch.Tensor]) -> torch.Tensor:  # [adjoints]: <a, new state>
-        return torch.stack([sum(torch.vdot(a[k], new[k].flatten()) for k in a if k in new) for a in adj])
-
-    def after(wz: torch.Tensor, *gz: torch.Tensor) -> torch.Tensor:  # one occurrence removed -> [adjoints]
-        grads = {k: g_t[k] - wz * gzk.to(dt) for k, gzk in zip(names, gz)}
-        new_p, new_s = optimizer_step(spec, p_t, s_t, grads, hyper)
-        return dots(new_p | new_s)
-
+    carried = set(_carried(state))
+    p_t = {k: params[k].detach().to(dt).flatten() for k in names}
+    g_t = {k: gk.detach().to(dt).flatten() for k, gk in zip(names, g)}
+    s_t = {k: v.detach().to(dt).flatten() if k in carried else v for k, v in state.items()}
+    adj = [{k: v.detach().to(dt).flatten() for k, v in {**a.params, **a.state}.items()} for a in adjoints.values()]
+    plain = replace(spec, grad_clip=None)  # the clip factor is folded into the gradients given to it
     with torch.no_grad():
-        new_p, new_s = optimizer_step(spec, p_t, s_t, g_t, hyper)
-        base = dots(new_p | new_s)
-    b = len(step.weights)
-    per_chunk = REMOVAL_CHUNK["cpu" if leaves[0].device.type == "cpu" else "other"]
-    chunk = max(1, per_chunk // sum(p_t[k].numel() for k in names))
+        clip_t = clip_coefficient(g_t, spec.grad_clip) if spec.grad_clip is not None else 1.0
+        base = optimizer_step(plain, p_t, s_t, {k: clip_t * x for k, x in g_t.items()}, hyper)
+    where = "cpu" if p_t[names[0]].device.type == "cpu" else "other"
+    chunk = max(1, REMOVAL_CHUNK[where] // sum(x.numel() for x in p_t.values()))
     w = step.weights.to(dt)
     out = []
-    for i in range(0, b, chunk):
-        losses = traj.losses(params, {k: v[i : i + chunk] for k, v in step.batch.items()})
-        if len(losses) == 1:
-            gz = torch.autograd.grad(losses[0], leaves)
-            with torch.no_grad():
-                out.append(after(w[i], *gz)[None])
-        else:
-            rows = torch.eye(len(losses), dtype=losses.dtype)
-            gz = torch.autograd.grad(losses, leaves, rows, is_grads_batched=True)
-            with torch.no_grad():
-                out.append(torch.func.vmap(after)(w[i : i + chunk], *gz))
-    return dict(zip(adjoints, (torch.cat(out) - base).T.to(torch.float64)))
+    for i in range(0, len(w), chunk):
+        gz = _per_sample_grads(traj, params, names, {k: v[i : i + chunk] for k, v in step.batch.items()})
+        with torch.no_grad():
+            wz = w[i : i + chunk, None]
+            gz = {k: x.to(dt).reshape(len(wz), -1) for k, x in gz.items()}
+            size = max(1, REMOVAL_BLOCK[where] // len(wz))
+            blocks = [(k, slice(s, s + size)) for k in names for s in range(0, p_t[k].numel(), size)]
+            clip = 1.0
+            if spec.grad_clip is not None:
+                sq = sum(((g_t[k][sl] - wz * gz[k][:, sl]) ** 2).sum(-1) for k, sl in blocks)
+                clip = torch.clamp(spec.grad_clip / (sq.sqrt() + CLIP_EPS), max=1.0)[:, None]
+            acc = torch.zeros(len(wz), len(adj), dtype=dt, device=w.device)
+            for k, sl in blocks:
+                grads = {k: clip * (g_t[k][sl] - wz * gz[k][:, sl])}
+                states = {key: v[sl] if key in carried else v for key, v in s_t.items() if key.startswith(k + SEP)}
+                new_p, new_s = optimizer_step(plain, {k: p_t[k][sl]}, states, grads, hyper)
+                for key, new in [(k, new_p[k]), *((key, v) for key, v in new_s.items() if v.shape == new_p[k].shape)]:
+                    old = base[0][key] if key == k else base[1][key]
+                    a = torch.stack([x[key][sl] if key in x else torch.zeros_like(old[sl]) for x in adj], 1)
+                    acc += (new - old[sl]) @ a
+            out.append(acc)
+    return dict(zip(adjoints, torch.cat(out).T.to(torch.float64)))
+
+
+def _per_sample_grads(traj: Trajectory, params: Params, names: list[str], rows: dict) -> dict[str, torch.Tensor]:
+    """Gradients of each row's loss: parameter -> [rows, *shape]. One vmapped pass (``torch.func``); a model
+    that torch.func cannot vmap falls back to one batched backward pass (autograd's ``is_grads_batched``)."""
+    fixed = {k: v.detach() for k, v in params.items() if k not in names}
+
+    def loss(trained: Params, row: dict) -> torch.Tensor:
+        return traj.losses(fixed | trained, {k: v.unsqueeze(0) for k, v in row.items()}).sum()
+
+    try:
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))({k: params[k].detach() for k in names}, rows)
+    except (RuntimeError, NotImplementedError) as e:
+        log.debug("per-sample gradients without torch.func (%s)", e)
+    losses = traj.losses(params, rows)
+    leaves = [params[k] for k in names]
+    if len(losses) == 1:
+        return {k: x[None] for k, x in zip(names, torch.autograd.grad(losses[0], leaves))}
+    rows_eye = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)
+    return dict(zip(names, torch.autograd.grad(losses, leaves, rows_eye, is_grads_batched=True)))
