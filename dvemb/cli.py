@@ -287,6 +287,29 @@ def score(run_dir: RunArg, sets: Sets = None) -> None:
 
 
 @app.command()
+def query(
+    run_dir: RunArg,
+    table: Annotated[Path, typer.Argument(help="Parquet table of the run's validation contract: the new query")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="folder under queries/ (default: the table's stem)")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing query of that name")] = False,
+    sets: Sets = None,
+) -> None:
+    """Score every occurrence against another validation table, beside the run's own scores (no retraining):
+    RUN/queries/NAME/{occurrences,samples}.parquet, in score.mode (--set score.mode=embedding answers from the
+    stored embeddings)."""
+    from dvemb.pipeline import config_of
+    from dvemb.score.query import query as query_stage
+    from dvemb.summary import query_summary
+
+    with _handled(), _staged(run_dir) as root:
+        run = _run_dir(root)
+        folder = query_stage(run, config_of(run, sets or []), table, name, force)
+        console.print(query_summary(run, folder, str(run_dir)))
+
+
+@app.command()
 def curate(run_dir: RunArg, sets: Sets = None) -> None:
     """Curated training table and plan for the next run."""
     from dvemb.curate.run import curate as curate_stage

@@ -138,9 +138,10 @@ def plot_influence(run: RunDir, per_step: pl.DataFrame) -> Path:
     return path
 
 
-def top_samples(run: RunDir, n: int = TOP_N) -> list[dict]:
-    """The ``n`` most valuable and ``n`` most harmful training samples (rows for a table artifact)."""
-    samples = pl.read_parquet(run.samples)
+def top_samples(run: RunDir, n: int = TOP_N, samples: Path | None = None) -> list[dict]:
+    """The ``n`` most valuable and ``n`` most harmful training samples (rows for a table artifact), from the
+    per-sample values ``samples`` (default: the run's own, scores/samples.parquet)."""
+    samples = pl.read_parquet(samples or run.samples)
     if "label" in pl.read_parquet_schema(run.data("train")):
         labels = pl.read_parquet(run.data("train"), columns=["sample_id", "label"])
         samples = samples.join(labels, on="sample_id", how="left")

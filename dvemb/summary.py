@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import polars as pl
 from rich.console import Group
@@ -125,20 +126,41 @@ def render(run: RunDir, location: str | None = None) -> Panel:
     parts: list = [_grid(rows[:-1])]
     top = top_rows(run)
     if top:
-        has_label = any(r["label"] is not None for r in top)
-        t = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
-        t.add_column("")
-        t.add_column("sample_id", justify="right")
-        if has_label:
-            t.add_column("label", justify="right")
-        t.add_column("value", justify="right")
-        for r in top:
-            label = [str(r["label"])] if has_label else []
-            name = f"{'most helpful' if r['group'] == 'most valuable' else 'most harmful'} {r['rank']}"
-            t.add_row(name, str(r["sample_id"]), *label, r["value"])
-        parts.append(t)
+        parts.append(_top_table(top))
     parts.append(_grid(rows[-1:]))
     return Panel(Group(*parts), title="dvemb run summary", title_align="left", expand=False)
+
+
+def _top_table(top: list[dict]) -> Table:
+    """The most helpful / most harmful samples (report.top_samples rows) as a rich table."""
+    has_label = any(r["label"] is not None for r in top)
+    t = Table(box=None, padding=(0, 1), show_edge=False, header_style="bold")
+    t.add_column("")
+    t.add_column("sample_id", justify="right")
+    if has_label:
+        t.add_column("label", justify="right")
+    t.add_column("value", justify="right")
+    for r in top:
+        label = [str(r["label"])] if has_label else []
+        name = f"{'most helpful' if r['group'] == 'most valuable' else 'most harmful'} {r['rank']}"
+        t.add_row(name, str(r["sample_id"]), *label, r["value"])
+    return t
+
+
+def query_summary(run: RunDir, folder: Path, location: str) -> Panel:
+    """What ``dvemb query`` prints: the query (rows, mode), the training samples that helped and hurt it
+    most, and where its files are (``location``: the run as the user named it)."""
+    meta = json.loads((folder / "query.json").read_text())
+    where = f"{location.rstrip('/')}/{folder.relative_to(run.root).as_posix()}"
+    rows = [
+        ("query", f"{folder.name}: {meta['rows']} rows from {meta['source']}"),
+        ("scored", f"score.mode {meta['score_mode']}, checkpoints {meta['checkpoints']}"),
+    ]
+    top = top_samples(run, TOP, folder / "samples.parquet")
+    files = [("files", f"{where}/occurrences.parquet, samples.parquet")]
+    return Panel(
+        Group(_grid(rows), _top_table(top), _grid(files)), title="dvemb query", title_align="left", expand=False
+    )
 
 
 def summary_markdown(run: RunDir) -> str:

@@ -23,6 +23,8 @@ from dvemb.replay.optim import OptimizerSpec, Params, ReplayError, State, StepHy
 from dvemb.task import Batch, Task
 
 if TYPE_CHECKING:  # the run-directory readers (polars, pydantic) load only where a run is read: the sweep
+    from pathlib import Path
+
     import polars as pl  # itself runs where neither is installed (benchmarks/bench_gpu.py)
 
     from dvemb.store.rundir import RunDir
@@ -142,8 +144,9 @@ def _hypers(steps: pl.DataFrame, spec: OptimizerSpec) -> list[StepHyper]:
     return [StepHyper((float(lr),), (float(wd),)) for lr, wd in zip(steps["lr"], steps["weight_decay"])]
 
 
-def load_trajectory(run: RunDir, fp64: bool = False) -> Trajectory:
-    """Read the recorded trajectory of ``run`` (ReplayError when it cannot be replayed exactly)."""
+def load_trajectory(run: RunDir, fp64: bool = False, val: Path | None = None) -> Trajectory:
+    """Read the recorded trajectory of ``run`` (ReplayError when it cannot be replayed exactly); the validation
+    objective on the table ``val`` (default: the run's own)."""
     import polars as pl
 
     from dvemb.data import TableDataModule
@@ -186,7 +189,7 @@ def load_trajectory(run: RunDir, fp64: bool = False) -> Trajectory:
         steps.append(RecordedStep(torch.from_numpy(ids), data.get_batch(ids), w, hypers[step]))
     if len(steps) != len(hypers):
         raise ReplayError(f"{run.root}: {len(steps)} recorded batches but {len(hypers)} recorded steps")
-    vdm = TableDataModule(run.data("val"), batch_size=VAL_BATCH, shuffle=False, dtype=dtype)
+    vdm = TableDataModule(val or run.data("val"), batch_size=VAL_BATCH, shuffle=False, dtype=dtype)
     vds = vdm.datasets["train"]
     val = [vds.batch(rows) for rows in vdm.train_sampler.plan(0)]
     return Trajectory(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import polars as pl
 import torch
@@ -16,10 +17,11 @@ from dvemb.store.rundir import RunDir
 log = logging.getLogger(__name__)
 
 
-def exact_occurrences(run: RunDir, cfg: RunConfig) -> pl.DataFrame:
+def exact_occurrences(run: RunDir, cfg: RunConfig, val: Path | None = None) -> pl.DataFrame:
     """sample_id, step, score, checkpoint for every occurrence, at the final boundary (and every
-    intermediate one when ``score.checkpoints``); positive = the occurrence lowered the validation loss."""
-    traj = load_trajectory(run, fp64=cfg.score.replay_dtype == "float64")
+    intermediate one when ``score.checkpoints``); positive = the occurrence lowered the loss on the validation
+    table ``val`` (default: the run's own)."""
+    traj = load_trajectory(run, fp64=cfg.score.replay_dtype == "float64", val=val)
     bounds = traj.boundaries
     at = bounds[1:] if cfg.score.checkpoints else [bounds[-1]]
     log.info(

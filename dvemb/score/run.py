@@ -30,14 +30,18 @@ from dvemb.store.trajectory import read_schedule, read_steps
 from dvemb.types import ProjectionConfig, StepGrads
 
 
-def val_vectors(run: RunDir, cfg: RunConfig, step: int, batch_size: int = 512) -> dict[str, torch.Tensor]:
-    """Projected gradient of the mean validation loss at checkpoint ``step``: layer -> [1, D]."""
+def val_vectors(
+    run: RunDir, cfg: RunConfig, step: int, batch_size: int = 512, table: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """Projected gradient of the mean validation loss at checkpoint ``step``: layer -> [1, D].
+
+    table: the validation table (default: the run's own, data/val.parquet)."""
     task = task_of(run, cfg)
     model = model_at(run, step, task)
     c = cfg.capture
     cap = GradientCapture(model, ProjectionConfig.of(c), c.layers)
     dtype = next(model.parameters()).dtype
-    dm = TableDataModule(run.data("val"), batch_size=batch_size, shuffle=False, dtype=dtype)
+    dm = TableDataModule(table or run.data("val"), batch_size=batch_size, shuffle=False, dtype=dtype)
     ds = dm.datasets["train"]
     batches = (ds.batch(rows) for rows in dm.train_sampler.plan(0))
     n = len(ds)
@@ -82,11 +86,11 @@ def segment_curvature(run: RunDir, name: str, bounds: list[int]) -> CurvatureFn 
     return fn
 
 
-def score(run: RunDir, cfg: RunConfig) -> str:
-    """Write scores/occurrences.parquet (every occurrence at every checkpoint) and scores/samples.parquet.
-
-    Embedding and direct modes stream: one segment's gradients (or embeddings and propagator) in memory
-    at a time, whatever the number of steps."""
+def occurrence_scores(run: RunDir, cfg: RunConfig, val: Path | None = None) -> pl.DataFrame:
+    """sample_id, step, epoch, score, checkpoint of every occurrence at the final checkpoint (and every
+    intermediate one with ``score.checkpoints``) in ``score.mode``, against the validation table ``val`` (default:
+    the run's own). Embedding and direct modes stream: one segment's gradients (or embeddings and propagator)
+    in memory at a time, whatever the number of steps."""
     run.require("train")
     b = run.boundaries
     k = len(b) - 1
@@ -94,17 +98,17 @@ def score(run: RunDir, cfg: RunConfig) -> str:
     dtype, device = DTYPES[cfg.embed.dtype], cfg.embed.device
     tables = []
     if cfg.score.mode == "exact":
-        tables.append(exact_occurrences(run, cfg))
+        tables.append(exact_occurrences(run, cfg, val))
     elif adam_aware(run):  # AdamW: the linearised (theta, m, v) recursion, validation-first, in either mode
         index = occurrence_index(grad_records(run).files, b, "grads")
         for m in checkpoints:
-            s = adam_occurrence_scores(run, cfg, b[m], val_vectors(run, cfg, b[m]))
+            s = adam_occurrence_scores(run, cfg, b[m], val_vectors(run, cfg, b[m], table=val))
             tables.append(occurrence_table(index[: b[m]], s, checkpoint=b[m]))
     elif cfg.score.mode == "embedding":
         local, props = load_embeddings(run, device)
         index = occurrence_index([run.embeddings(j) for j in range(k)], b, "embeddings")
         for m in checkpoints:
-            s = segment_scores(local, props, val_vectors(run, cfg, b[m]), upto=m)
+            s = segment_scores(local, props, val_vectors(run, cfg, b[m], table=val), upto=m)
             tables.append(occurrence_table(index[: b[m]], s, checkpoint=b[m]))
     else:
         records = grad_records(run)
@@ -112,7 +116,7 @@ def score(run: RunDir, cfg: RunConfig) -> str:
         schedule = read_schedule(run)
         curv = segment_curvature(run, cfg.embed.curvature, b)
         for m in checkpoints:
-            v = val_vectors(run, cfg, b[m])
+            v = val_vectors(run, cfg, b[m], table=val)
             s = direct_scores(
                 records[: b[m]], schedule, v, dtype=dtype, device=device, curvature=curv, blocks=cfg.embed.blocks
             )
@@ -122,11 +126,22 @@ def score(run: RunDir, cfg: RunConfig) -> str:
         pl.concat(tables)
         .join(epochs, on="step", how="left")
         .select("sample_id", "step", "epoch", "score", "checkpoint")
+        .sort("checkpoint", "step", "sample_id")
     )
     finite_frame(occ, "scores")
-    samples = value_table(occ, run_phases(run, cfg.curate, occ))
-    finite_frame(samples, "per-sample values")
-    for df, path in ((occ.sort("checkpoint", "step", "sample_id"), run.occurrences), (samples, run.samples)):
+    return occ
+
+
+def write_scores(run: RunDir, cfg: RunConfig, occ: pl.DataFrame, occurrences: Path, samples: Path) -> None:
+    """Write ``occ`` and its per-sample values (the run's phases) as Parquet, atomically."""
+    values = value_table(occ, run_phases(run, cfg.curate, occ))
+    finite_frame(values, "per-sample values")
+    for df, path in ((occ, occurrences), (values, samples)):
         with atomic_path(path) as tmp:
             df.write_parquet(tmp)
+
+
+def score(run: RunDir, cfg: RunConfig) -> str:
+    """Write scores/occurrences.parquet (every occurrence at every checkpoint) and scores/samples.parquet."""
+    write_scores(run, cfg, occurrence_scores(run, cfg), run.occurrences, run.samples)
     return str(run.occurrences)

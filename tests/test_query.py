@@ -1,0 +1,132 @@
+"""``dvemb query``: a new validation table scored against a finished run, beside the run's own scores.
+
+Independent checks: the run's own table gives the run's own scores to the bit; first-order scores are linear
+in the validation objective, so the row-weighted sum of two queries over a split of the validation table is
+the whole table's score (every mode, SGD and AdamW with the exact removal step); embedding and direct modes
+agree on a query.
+"""
+
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from dvemb.cli import app
+from dvemb.store.rundir import RunDir
+
+FP64 = ["train.precision=64-true", "capture.dtype=float64", "embed.dtype=float64"]
+TINY = ["train.epochs=2", "data.subset=200", "embed.segments=2", "embed.write=always", *FP64]
+ADAMW = ["train.optimizer=adamw", "train.lr=0.01", "capture.kind=subsample"]
+runner = CliRunner()
+
+
+def cli(*args) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line(res) -> str:
+    return " ".join(res.output.split())
+
+
+@pytest.fixture(scope="module")
+def runs(cli_run, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("query")
+    return {"sgd": cli_run(root / "sgd", TINY), "adamw": cli_run(root / "adamw", TINY + ADAMW)}
+
+
+def query(run: Path, table: Path, name: str, *sets: str):
+    res = cli("query", run, table, "--name", name, *(a for s in sets for a in ("--set", s)))
+    assert res.exit_code == 0, res.output
+    return pl.read_parquet(run / "queries" / name / "occurrences.parquet")
+
+
+def split(run: Path, tmp: Path) -> tuple[Path, Path, int, int]:
+    """The run's validation table cut in two Parquet files (a third / the rest)."""
+    table = pq.read_table(run / "data" / "val.parquet")
+    k = table.num_rows // 3
+    paths = tmp / "part-a.parquet", tmp / "part-b.parquet"
+    pq.write_table(table.slice(0, k), paths[0])
+    pq.write_table(table.slice(k), paths[1])
+    return *paths, k, table.num_rows - k
+
+
+def test_the_runs_own_table_gives_the_runs_own_scores(runs):
+    run = runs["sgd"]
+    before = {p: p.read_bytes() for p in (run / "scores").iterdir()}
+    res = cli("query", run, run / "data" / "val.parquet", "--name", "own")
+    assert res.exit_code == 0, res.output
+    assert "most helpful 1" in res.output and "most harmful 1" in res.output
+    folder = run / "queries" / "own"
+    for name in ("occurrences", "samples"):
+        assert pl.read_parquet(folder / f"{name}.parquet").equals(pl.read_parquet(run / "scores" / f"{name}.parquet"))
+    assert {p: p.read_bytes() for p in (run / "scores").iterdir()} == before  # the run's own scores untouched
+    res = cli("status", run)
+    assert res.exit_code == 0 and "damaged" not in res.output, res.output  # the query's files are in the manifest
+
+
+@pytest.mark.parametrize(
+    "kind, sets",
+    [("sgd", ["score.mode=exact"]), ("sgd", ["score.mode=direct"]), ("sgd", ["score.mode=embedding"]),
+     ("adamw", ["score.mode=exact"]), ("adamw", ["score.mode=direct"])],
+)  # fmt: skip
+def test_scores_are_linear_in_the_validation_rows(runs, tmp_path, kind, sets):
+    """n_a s_a + n_b s_b = (n_a + n_b) s for every occurrence at every checkpoint (1e-9 of the largest score)."""
+    run = runs[kind]
+    a, b, n_a, n_b = split(run, tmp_path)
+    tag = sets[0].split("=")[1]
+    whole = query(run, run / "data" / "val.parquet", f"whole-{tag}", *sets)["score"].to_numpy()
+    s_a = query(run, a, f"a-{tag}", *sets)["score"].to_numpy()
+    s_b = query(run, b, f"b-{tag}", *sets)["score"].to_numpy()
+    combined = (n_a * s_a + n_b * s_b) / (n_a + n_b)
+    assert abs(combined - whole).max() <= 1e-9 * abs(whole).max()
+    assert abs(s_a - whole).max() > 1e-3 * abs(whole).max()  # the parts are different queries
+
+
+def test_embedding_and_direct_modes_answer_a_query_alike(runs, tmp_path):
+    run = runs["sgd"]
+    a, _, _, _ = split(run, tmp_path)
+    emb = query(run, a, "pair-embedding", "score.mode=embedding")
+    direct = query(run, a, "pair-direct", "score.mode=direct")
+    assert emb.select("sample_id", "step", "checkpoint").equals(direct.select("sample_id", "step", "checkpoint"))
+    d = (emb["score"] - direct["score"]).abs().max()
+    assert d <= 1e-9 * direct["score"].abs().max()
+
+
+def test_bad_tables_are_named_and_nothing_is_written(runs, tmp_path):
+    run = runs["sgd"]
+    table = pl.read_parquet(run / "data" / "val.parquet")
+    bad_label = pl.when(pl.int_range(pl.len()) == 4).then(12).otherwise(pl.col("label")).alias("label")
+    cases = {
+        "no-label": (table.drop("label"), "missing required column 'label'"),
+        "narrow": (
+            table.with_columns(pl.col("x").arr.to_list().list.head(63)),
+            "column 'x' has 63 features per row; the run's model",
+        ),
+        "label": (table.with_columns(bad_label), "row 4 (sample_id"),
+    }
+    for name, (df, message) in cases.items():
+        path = tmp_path / f"{name}.parquet"
+        df.write_parquet(path)
+        res = cli("query", run, path)
+        assert res.exit_code == 2 and message in one_line(res) and str(path) in one_line(res), res.output
+        assert "Traceback" not in res.output
+        assert not (run / "queries" / name).exists()
+    missing = cli("query", run, tmp_path / "nowhere.parquet")
+    assert missing.exit_code == 2 and "no such Parquet file" in one_line(missing)
+
+
+def test_an_existing_query_is_kept_unless_forced(runs, tmp_path):
+    run = runs["sgd"]
+    a, b, _, _ = split(run, tmp_path)
+    first = query(run, a, "slice")
+    res = cli("query", run, b, "--name", "slice")
+    assert res.exit_code == 2 and "a query named 'slice' exists; pass --force" in one_line(res), res.output
+    assert pl.read_parquet(run / "queries" / "slice" / "occurrences.parquet").equals(first)
+    res = cli("query", run, b, "--name", "slice", "--force")
+    assert res.exit_code == 0, res.output
+    assert not pl.read_parquet(run / "queries" / "slice" / "occurrences.parquet").equals(first)
+    assert RunDir(run).meta()["status"] != "failed"
+    res = cli("query", run, a, "--name", "../escape")
+    assert res.exit_code == 2 and "query name '../escape'" in one_line(res)
