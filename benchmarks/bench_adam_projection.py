@@ -23,6 +23,11 @@ modes"), each scored on the SAME recorded AdamW run against the same exact TSLOO
   store (the stored numbers equal what such a capture would compute), projected with dvemb's own seeded
   Gaussian matrices.
 
+Two more rows say where the unprojected recursion's own error comes from: the exact reverse sweep (dvemb.replay)
+with the removal linearised, once with exact Hessian-vector products and once with the batch's Gauss-Newton
+product in their place (``exact_scores(curvature=...)``). If the second equals the Adam-aware recursion, the
+store and the linearised optimizer lose nothing and the curvature model is all of the gap.
+
 Run: the AdamW regimes of bench_exact (fp64 digits MLP 64 -> 32 -> 10 tanh, GGN curvature, one block).
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_adam_projection          # about 10 minutes on 2 cores
@@ -39,13 +44,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.func import functional_call
 
 from dvemb.capture.projection import Projector
 from dvemb.config import load_config
 from dvemb.embed.adam import StoredCoordinates, adam_coefficients, adam_direct_scores
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.propagator import Curvature
-from dvemb.replay.trajectory import load_trajectory
+from dvemb.replay.exact import exact_scores
+from dvemb.replay.trajectory import Trajectory, load_trajectory
 from dvemb.runtask import model_at
 from dvemb.score.adam import adam_run
 from dvemb.score.run import val_vectors
@@ -173,6 +181,39 @@ def kronecker_scores(
     return out
 
 
+class _Logits(nn.Module):
+    """``task.logits(model, batch)`` as a module, so ``functional_call`` can swap the parameters."""
+
+    def __init__(self, traj: Trajectory):
+        super().__init__()
+        self.model, self.task = traj.net.model, traj.net.task
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.task.logits(self.model, batch)
+
+
+def ggn_product(traj: Trajectory) -> Callable:
+    """``(theta_t, t, c) -> G_t c``: the Gauss-Newton matrix of step t's weighted softmax cross-entropy,
+    ``sum_z w_z J_z^T (diag(p_z) - p_z p_z^T) J_z``, times c (a JVP and a VJP of the logits)."""
+    net = _Logits(traj)
+
+    def product(params: dict, t: int, c: dict) -> list[torch.Tensor]:
+        step = traj.steps[t]
+        fixed = {f"model.{k}": v.detach() for k, v in params.items() if k not in c}
+
+        def logits(trained: dict) -> torch.Tensor:
+            return functional_call(net, fixed | {f"model.{k}": v for k, v in trained.items()}, (step.batch,))
+
+        at = {k: params[k].detach() for k in c}
+        out, jc = torch.func.jvp(logits, (at,), (c,))
+        p = torch.softmax(out, -1)
+        u = step.weights[:, None] * (p * jc - p * (p * jc).sum(-1, keepdim=True))
+        (gc,) = torch.func.vjp(logits, at)[1](u)
+        return [gc[k] for k in c]
+
+    return product
+
+
 def metrics(est: np.ndarray, truth: np.ndarray) -> dict:
     """bench_exact's phase metrics, or the count of non-finite estimates where the recursion diverged."""
     bad = int((~np.isfinite(est)).sum())
@@ -232,6 +273,12 @@ def measure(regime: str, points: int, workdir: Path, quick: bool) -> dict:
         dim = 2 * sum(p.spec.dim for p in kr.proj.values())  # P(g) and P(D (.) g)
         name = f"Kronecker, rank-1 D, no v path, {'unprojected' if k is None else f'{k}x{k}'}"
         options[name] = (kronecker_scores(records, coef, adam.clip, curv, val, adam.betas[0], adam.eps, kr), dim)
+    fp64 = load_trajectory(run, fp64=True)
+    options["exact sweep, Hessian, removal linearised"] = (exact_scores(fp64, removal="linear")[T], None)
+    options["exact sweep, batch GGN for the Hessian"] = (
+        exact_scores(fp64, removal="linear", curvature=ggn_product(fp64))[T],
+        None,
+    )
     return {
         "regime": regime,
         "steps": T,

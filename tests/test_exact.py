@@ -34,9 +34,9 @@ class Tiny(ClassificationTask):
         return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4, bias=False)).double()
 
 
-def make_trajectory(opt: str, clip: float | None) -> Trajectory:
+def make_trajectory(opt: str, clip: float | None, task: ClassificationTask | None = None) -> Trajectory:
     kw, lr, wd = OPTIMIZERS[opt]
-    task = Tiny()
+    task = task or Tiny()
     model = task.build_model(None)
     names = [n for n, _ in model.named_parameters()]
     spec = OptimizerSpec(groups=(tuple(names[:2]), tuple(names[2:])), grad_clip=clip, **kw)
@@ -213,3 +213,25 @@ def test_step_removal_of_a_model_torch_func_cannot_vmap(clip):
         torch.func.vmap(lambda x: traj.net.model(x[None]).sum())(traj.val[0]["x"])
     got = torch.cat(exact_scores(traj, removal="step")[14])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+class Logistic(ClassificationTask):
+    def build_model(self, info):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 4)).double()
+
+
+def test_a_curvature_product_replaces_the_hessian():
+    """``exact_scores(curvature=...)`` swaps the Hessian-vector product: with benchmarks/bench_adam_projection's
+    Gauss-Newton product, a model whose logits are linear in its parameters gets the same scores (there the
+    Gauss-Newton matrix is the Hessian, 1e-10); Tiny (tanh) does not."""
+    from benchmarks.bench_adam_projection import ggn_product
+
+    for task, same in ((Logistic(), True), (Tiny(), False)):
+        traj = make_trajectory("adamw", None, task)
+        want = torch.cat(exact_scores(traj, removal="linear")[14])
+        got = torch.cat(exact_scores(traj, removal="linear", curvature=ggn_product(traj))[14])
+        if same:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-15)
+        else:
+            assert float((got - want).abs().max()) > 1e-3 * float(want.abs().max())

@@ -44,6 +44,7 @@ from dvemb.replay.trajectory import Trajectory, check_boundary
 
 log = logging.getLogger(__name__)
 Removal = Literal["auto", "linear", "step"]
+CurvatureProduct = Callable[[Params, int, Params], Sequence[torch.Tensor]]  # (theta_t, t, c) -> H_t c per parameter
 # the exact removal step, in values: per-sample gradients held at once ([occurrences, parameters]; memory), and
 # one block of the elementwise step map ([occurrences, coordinates]): on a CPU about a cache's worth (the step
 # map is memory-bound; on the MNIST MLP 2^17 beat 2^15 and 2^19 by 1.2-1.5x); an accelerator takes large ones
@@ -66,6 +67,7 @@ def exact_scores(
     verify: bool = True,
     progress: Callable[[int], None] | None = None,
     removal: Removal = "auto",
+    curvature: CurvatureProduct | None = None,
 ) -> dict[int, list[torch.Tensor]]:
     """TSLOO of every occurrence for the validation objective at each checkpoint in ``at``: the later steps to
     first order, the removal step itself to first order or exactly (``removal``).
@@ -74,6 +76,8 @@ def exact_scores(
     verify: check every forward replay against the next recorded boundary (ReplayError, nothing returned).
     removal: "linear" (first order in the removed weight), "step" (the removal step exact), "auto" (step
     where the step map is not linear in the gradient: AdamW or clipping).
+    curvature: ``(params, t, c) -> H_t c`` replacing the exact Hessian-vector product (a diagnostic: e.g. a
+    Gauss-Newton product, to measure what a curvature model costs; None = exact).
     Returns ``{c: [scores of step t: [B_t] float64, for t < c]}``; positive = the occurrence lowered f(theta_c).
     """
     bounds = traj.boundaries
@@ -99,7 +103,7 @@ def exact_scores(
             adjoints[b] = _Adjoint(dict(zip(trained, grad)), {})
         for t in range(b - 1, a - 1, -1):
             with sdpa_kernel([SDPBackend.MATH]):  # the fused attention kernels have no double backward
-                adjoints, scores = _reverse_step(traj, t, *states[t - a], adjoints, exact_step)
+                adjoints, scores = _reverse_step(traj, t, *states[t - a], adjoints, exact_step, curvature)
             states[t - a + 1] = None  # free theta_{t+1}: peak memory stays one segment
             for c, sc in scores.items():
                 out[c][t] = sc
@@ -121,7 +125,13 @@ def removal_is_step(spec: OptimizerSpec, removal: Removal) -> bool:
 
 
 def _reverse_step(
-    traj: Trajectory, t: int, params: Params, state: State, adjoints: dict[int, _Adjoint], exact_step: bool = False
+    traj: Trajectory,
+    t: int,
+    params: Params,
+    state: State,
+    adjoints: dict[int, _Adjoint],
+    exact_step: bool = False,
+    curvature: CurvatureProduct | None = None,
 ) -> tuple[dict[int, _Adjoint], dict[int, torch.Tensor]]:
     """One step of the sweep for every active adjoint: the adjoints a_t and the step's occurrence scores [B]."""
     spec, hyper = traj.spec, traj.steps[t].hyper
@@ -149,6 +159,8 @@ def _reverse_step(
         c_g = d[n : 2 * n]
         # one double-backward pass: d<g, c>/dtheta = H c and d<g, c>/dw_z = <grad l_z, c>
         hc = torch.autograd.grad(g, [trained[k] for k in names] + [w], c_g, retain_graph=True, allow_unused=True)
+        if curvature is not None:
+            hc = [*curvature(p, t, dict(zip(names, c_g))), hc[n]]
         new_adj[c] = _Adjoint(
             {k: d[i] + (hc[i] if hc[i] is not None else 0) for i, k in enumerate(names)},
             {k: v for k, v in zip(s_in, d[2 * n :])},
