@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from dvemb.config import RunConfig
 from dvemb.data.tables import check_classes, load_user_table, table_features, token_lengths
@@ -44,7 +45,7 @@ def query_folder(run: RunDir, name: str) -> Path:
     return run.root / "queries" / name
 
 
-def fitted_table(run: RunDir, path: Path):
+def fitted_table(run: RunDir, path: Path) -> pa.Table:
     """The query table at ``path``, validated against the contract and the run's model (TableValidationError
     naming the file, column, row or width)."""
     info = data_info(run)
