@@ -5,6 +5,9 @@ The deployments are those of ``prefect.yaml`` (read from it: names, schedules, p
 * ``pipeline/nightly-curation``: cron ``0 2 * * *`` (UTC) — train, embed, score and curate into
   ``runs/nightly-<name>-YYYYMMDD``, then publish the curated table as ``datasets/<name>/vNNNN``;
 * ``pipeline/on-demand``: no schedule; Run > Custom run in the UI, or ``prefect deployment run``;
+* ``query/on-demand``: no schedule; scores a finished run against another validation table (``dvemb
+  query``); its ``run`` and ``table`` are paths on this machine (relative ones: to this process's working
+  directory) or URIs;
 * ``retrain/retrain-curated``: started by its trigger when a version is published (event
   ``dvemb.dataset.published``): curated vs full vs random retraining.
 
@@ -30,14 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python deployments/serve.py` from a checkout finds flows/
 
 from flows.pipeline import pipeline  # noqa: E402
+from flows.query import query  # noqa: E402
 from flows.retrain import retrain  # noqa: E402
 
-FLOWS = {"flows/pipeline.py:pipeline": pipeline, "flows/retrain.py:retrain": retrain}
+FLOWS = {"flows/pipeline.py:pipeline": pipeline, "flows/query.py:query": query, "flows/retrain.py:retrain": retrain}
 
 
 def spec(path: Path = ROOT / "prefect.yaml") -> list[dict[str, Any]]:
     """The deployments declared in prefect.yaml."""
     return yaml.safe_load(path.read_text())["deployments"]
+
+
+def full_name(d: dict[str, Any]) -> str:
+    """``flow/deployment`` of a declared deployment (names repeat across flows: ``pipeline/on-demand``,
+    ``query/on-demand``)."""
+    return f"{FLOWS[d['entrypoint']].name}/{d['name']}"
 
 
 def _moved(value: Any, folder: str, to: Path | None) -> Any:
@@ -58,7 +68,7 @@ def build(
     """prefect.yaml's deployments as served deployments (paths made absolute, optionally moved)."""
     out = []
     for d in spec():
-        if only and d["name"] not in only:
+        if only and full_name(d) not in only and d["name"] not in only:
             continue
         params = dict(d.get("parameters") or {})
         if "out" in params:
@@ -81,12 +91,17 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> None:
-    names = [d["name"] for d in spec()]
+    names = [full_name(d) for d in spec()] + sorted({d["name"] for d in spec()})
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="default config file of the pipeline deployments (e.g. configs/mnist_mlp.yaml)")
     ap.add_argument("--runs", type=Path, help="folder the run directories go to (default: runs/ of the checkout)")
     ap.add_argument("--datasets", type=Path, help="folder of the published datasets (default: datasets/)")
-    ap.add_argument("--only", choices=names, action="append", help="serve only this deployment (repeatable)")
+    ap.add_argument(
+        "--only",
+        choices=names,
+        action="append",
+        help="serve only this deployment: flow/name, or a name (all flows' deployments of that name); repeatable",
+    )
     ap.add_argument("--limit", type=int, default=2, help="flow runs executed at once")
     args = ap.parse_args(argv)
     runs = args.runs.resolve() if args.runs else None

@@ -147,7 +147,7 @@ def deployed(prefect_server: str) -> dict[str, Any]:
     with get_client(sync_client=True) as client:
         return {
             n: client.read_deployment_by_name(n)
-            for n in ("pipeline/nightly-curation", "pipeline/on-demand", "retrain/retrain-curated")
+            for n in ("pipeline/nightly-curation", "pipeline/on-demand", "query/on-demand", "retrain/retrain-curated")
         }
 
 

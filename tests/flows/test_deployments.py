@@ -14,18 +14,21 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
 from deployments.serve import build
 from flows.pipeline import pipeline
+from flows.query import query
 from flows.retrain import retrain
 
 SPEC = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-BY_NAME = {d["name"]: d for d in SPEC["deployments"]}
-FLOWS = {"flows/pipeline.py:pipeline": pipeline, "flows/retrain.py:retrain": retrain}
+FLOWS = {"flows/pipeline.py:pipeline": pipeline, "flows/query.py:query": query, "flows/retrain.py:retrain": retrain}
+BY_NAME = {f"{FLOWS[d['entrypoint']].name}/{d['name']}": d for d in SPEC["deployments"]}  # flow/deployment
+DECLARED = {"pipeline/nightly-curation", "pipeline/on-demand", "query/on-demand", "retrain/retrain-curated"}
 
 
-def test_prefect_yaml_declares_nightly_on_demand_and_retrain() -> None:
-    assert set(BY_NAME) == {"nightly-curation", "on-demand", "retrain-curated"}
-    nightly = BY_NAME["nightly-curation"]
+def test_prefect_yaml_declares_nightly_on_demand_query_and_retrain() -> None:
+    assert set(BY_NAME) == DECLARED and len(SPEC["deployments"]) == len(DECLARED)
+    nightly = BY_NAME["pipeline/nightly-curation"]
     assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
-    assert BY_NAME["on-demand"]["schedules"] == [] and BY_NAME["retrain-curated"]["schedules"] == []
+    for name in ("pipeline/on-demand", "query/on-demand", "retrain/retrain-curated"):
+        assert BY_NAME[name]["schedules"] == [], name
     for d in SPEC["deployments"]:
         assert d["work_pool"]["name"] == POOL
         names = set(inspect.signature(FLOWS[d["entrypoint"]].fn).parameters)
@@ -33,14 +36,14 @@ def test_prefect_yaml_declares_nightly_on_demand_and_retrain() -> None:
         if "config" in d["parameters"]:
             assert (ROOT / d["parameters"]["config"]).is_file()
     assert nightly["parameters"]["publish_to"] == "datasets" and nightly["parameters"]["force"] is True
-    (trigger,) = BY_NAME["retrain-curated"]["triggers"]
+    (trigger,) = BY_NAME["retrain/retrain-curated"]["triggers"]
     assert trigger["expect"] == ["dvemb.dataset.published"]
     assert trigger["parameters"] == {"dataset": "{{ event.payload.dataset }}"}
 
 
 def test_serve_builds_the_same_deployments() -> None:
-    served = {d.name: d for d in build()}
-    assert set(served) == set(BY_NAME)
+    served = {f"{d.flow_name}/{d.name}": d for d in build()}
+    assert set(served) == DECLARED
     for name, d in BY_NAME.items():
         s = served[name]
         assert [(x.schedule.cron, x.schedule.timezone) for x in s.schedules] == [
@@ -52,6 +55,8 @@ def test_serve_builds_the_same_deployments() -> None:
             else:
                 assert s.parameters[key] == value
         assert [t.expect for t in s.triggers] == [set(t["expect"]) for t in d.get("triggers", [])]
+    assert [f"{d.flow_name}/{d.name}" for d in build(only=["query/on-demand"])] == ["query/on-demand"]
+    assert {f"{d.flow_name}/{d.name}" for d in build(only=["on-demand"])} == {"pipeline/on-demand", "query/on-demand"}
 
 
 def test_deploy_all_registers_the_declared_deployments(deployed: dict[str, Any]) -> None:
@@ -59,8 +64,9 @@ def test_deploy_all_registers_the_declared_deployments(deployed: dict[str, Any])
         pool = client.read_work_pool(POOL)
         automations = client.read_automations()
     assert pool.type == "process"
+    assert set(deployed) == DECLARED
     for full_name, d in deployed.items():
-        declared = BY_NAME[full_name.split("/")[1]]
+        declared = BY_NAME[full_name]
         assert d.parameters == declared["parameters"]
         assert d.work_pool_name == POOL
         assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
@@ -68,7 +74,7 @@ def test_deploy_all_registers_the_declared_deployments(deployed: dict[str, Any])
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [("0 2 * * *", "UTC", True)]
     assert not deployed["pipeline/on-demand"].schedules
     # the trigger became an automation that runs retrain-curated with the event's version folder
-    (auto,) = [a for a in automations if a.name == BY_NAME["retrain-curated"]["triggers"][0]["name"]]
+    (auto,) = [a for a in automations if a.name == BY_NAME["retrain/retrain-curated"]["triggers"][0]["name"]]
     assert auto.trigger.expect == {"dvemb.dataset.published"}
     (action,) = auto.actions
     assert action.deployment_id == deployed["retrain/retrain-curated"].id
@@ -77,6 +83,10 @@ def test_deploy_all_registers_the_declared_deployments(deployed: dict[str, Any])
     assert "configs/digits_mlp.yaml" in schema["config"]["anyOf"][0]["enum"]  # the dropdown
     for p in ("overrides", "out", "force", "publish_to"):
         assert schema[p].get("description"), p
+    query_form = deployed["query/on-demand"].parameter_openapi_schema
+    assert not deployed["query/on-demand"].schedules and query_form["required"] == ["run", "table"]
+    assert query_form["properties"]["score_mode"]["anyOf"][0]["enum"] == ["exact", "embedding", "direct"]
+    assert all(p.get("description") for p in query_form["properties"].values())
 
 
 def test_the_scheduler_creates_the_nightly_runs(deployed: dict[str, Any]) -> None:

@@ -3,11 +3,13 @@ byte), its artifacts, its form; a bad table fails the flow run with dvemb's name
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import polars as pl
@@ -22,6 +24,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.exceptions import PrefectHTTPStatusError
 from typer.testing import CliRunner, Result
 
 from dvemb.cli import app
@@ -136,3 +139,54 @@ def test_the_form_has_a_described_field_per_parameter() -> None:
     assert all(p.get("description") for p in props.values())
     assert props["score_mode"]["anyOf"][0]["enum"] == ["exact", "embedding", "direct"]
     assert props["score_mode"]["default"] is None and props["force"]["default"] is False
+
+
+def test_the_on_demand_deployment_runs_the_flow(run: Path, deployed: dict[str, Any]) -> None:
+    """``query/on-demand`` as the UI's Custom run does it: the server validates the form's values (a score_mode
+    outside the dropdown is refused) and creates the flow run; Prefect's flow engine runs it here (what a
+    worker's subprocess does): the files are the CLI's of the same table and mode."""
+    from prefect.flow_engine import run_flow
+
+    table = run.parent / "slice.parquet"
+    dep = deployed["query/on-demand"]
+    params = {"run": str(run), "table": str(table), "name": "deployed", "score_mode": "direct"}
+    with get_client(sync_client=True) as client:
+        with pytest.raises(PrefectHTTPStatusError, match="Validation failed for field 'score_mode'"):
+            client.create_flow_run_from_deployment(dep.id, parameters={**params, "score_mode": "fast"})
+        flow_run = client.create_flow_run_from_deployment(dep.id, parameters=params)
+        run_flow(query, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+        flow_run = client.read_flow_run(flow_run.id)
+    assert flow_run.state.is_completed(), flow_run.state.message
+    res = cli_query(run, table, "cli-direct", "score.mode=direct")
+    assert res.exit_code == 0, res.output
+    for f in ("occurrences.parquet", "samples.parquet"):
+        assert (run / "queries" / "deployed" / f).read_bytes() == (run / "queries" / "cli-direct" / f).read_bytes()
+
+
+BUCKET = "dvemb-query-flow"
+
+
+def test_a_query_of_a_run_in_s3(cli_run, s3, run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run = s3://… (a real S3-compatible server): the task stages the run, queries it and pushes queries/NAME
+    to the bucket, every file in manifest.json; the scores are the local run's query of the same table."""
+    monkeypatch.setenv("DVEMB_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{BUCKET}/runs/digits"
+    with root_handlers_kept():
+        cli_run(uri, TINY)  # the same seed and config as ``run``: the same run
+    table = run.parent / "slice.parquet"
+    state = query(run=uri, table=str(table), name="remote", score_mode="embedding", return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == f"{uri}/queries/remote"
+
+    def read(rel: str) -> bytes:
+        with s3.open_input_stream(f"{BUCKET}/runs/digits/{rel}") as f:
+            return f.read()
+
+    manifest = json.loads(read("manifest.json"))["files"]
+    for f in ("val.parquet", "occurrences.parquet", "samples.parquet", "query.json"):
+        data = read(f"queries/remote/{f}")
+        assert hashlib.sha256(data).hexdigest() == manifest[f"queries/remote/{f}"]["sha256"], f
+    res = cli_query(run, table, "local-twin", "score.mode=embedding")
+    assert res.exit_code == 0, res.output
+    local = run / "queries" / "local-twin" / "occurrences.parquet"
+    assert read("queries/remote/occurrences.parquet") == local.read_bytes()
