@@ -1,7 +1,7 @@
 """``dvemb query``: score every occurrence against another validation table — a new query — beside the run's own
 scores, without retraining.
 
-The query's table follows the run's validation-table contract (docs/DATA.md) and must fit the run's model
+The query's table has the columns of the run's own data/val.parquet (docs/RUN_DIRECTORY.md, "data/") and must fit the run's model
 (feature width, classes, sequence length). It is copied into the run, so the query can be repeated, and its
 scores are written next to it::
 
