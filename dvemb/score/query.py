@@ -1,9 +1,9 @@
 """``dvemb query``: score every occurrence against another validation table — a new query — beside the run's own
 scores, without retraining.
 
-The query's table has the columns of the run's own data/val.parquet (docs/RUN_DIRECTORY.md, "data/") and must fit the run's model
-(feature width, classes, sequence length). It is copied into the run, so the query can be repeated, and its
-scores are written next to it::
+The query's table has the columns of the run's own data/val.parquet (docs/RUN_DIRECTORY.md, "data/") and must
+fit the run's model (feature width, classes, sequence length). It is copied into the run, so the query can be
+repeated, and its scores are written next to it::
 
     queries/<name>/val.parquet           the query table as scored (contract columns only)
     queries/<name>/occurrences.parquet   sample_id, step, epoch, score, checkpoint (as scores/occurrences.parquet)
