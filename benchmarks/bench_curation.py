@@ -47,11 +47,12 @@ from dvemb.curate.detect import detection_metrics, dvemb_values, grad_dot_values
 from dvemb.curate.plan import Window
 from dvemb.curate.retrain import METRICS, Variant, fit_variant, summarize
 from dvemb.curate.run import build_plan, curated_table
+from dvemb.embed.recorded_adam import adam_aware
 from dvemb.embed.run import load_embeddings
 from dvemb.eval.groundtruth import all_epoch_loo, choose_samples, load_trajectory, verify_replay
 from dvemb.pipeline import run_local
 from dvemb.replay.optim import ReplayError
-from dvemb.score.adam import adam_aware, adam_occurrence_scores
+from dvemb.score.adam import adam_occurrence_scores
 from dvemb.score.run import val_vectors
 from dvemb.score.scores import occurrence_table, segment_scores
 from dvemb.score.values import phases_for, run_phases, smooth_curve, step_curve

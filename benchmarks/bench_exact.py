@@ -44,11 +44,12 @@ import torch
 from dvemb.config import load_config
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
+from dvemb.embed.recorded_adam import adam_aware
 from dvemb.eval.groundtruth import choose_points, tsloo_points
 from dvemb.eval.metrics import pearson, spearman
 from dvemb.replay.exact import exact_scores, removal_is_step
 from dvemb.replay.trajectory import load_trajectory, replay_range
-from dvemb.score.adam import adam_aware, adam_occurrence_scores
+from dvemb.score.adam import adam_occurrence_scores
 from dvemb.score.run import val_vectors
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir

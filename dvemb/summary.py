@@ -36,18 +36,19 @@ def fidelity(run: RunDir, meta: dict) -> str:
     store = f"{cap['kind']} projection k_a={cap['k_a']} x k_s={cap['k_s']}"
     model = f"{emb['curvature']} curvature, {emb['blocks']} blocks, {store}"
     if kind == "adamw":
-        from dvemb.score.adam import adam_aware
+        from dvemb.embed.recorded_adam import adam_aware
 
-        quiet = logging.getLogger("dvemb.score.adam")
+        quiet = logging.getLogger("dvemb.embed.recorded_adam")
         was, quiet.disabled = quiet.disabled, True  # the score stage has already warned about the SGD proxy
         try:
             aware = adam_aware(run)
         finally:
             quiet.disabled = was
-        if aware:  # the score stage takes this path in embedding and direct mode alike
+        if aware:
+            source = "the Adam-aware data value embeddings" if mode == "embedding" else "the stored gradients"
             return (
                 f"{mode}: approximate first-order leave-one-out through the linearised AdamW recursion "
-                f"(parameters and moments; {emb['curvature']} curvature), from the stored gradients ({store})"
+                f"(parameters and moments; {emb['curvature']} curvature), from {source} ({store})"
             )
         model += "; AdamW treated as SGD with the recorded LR (proxy)"
     how = "from the data value embeddings" if mode == "embedding" else "from the stored gradients"

@@ -78,27 +78,45 @@ def test_adamw_config_exact_mode_ranks_against_groundtruth(tmp_path):
     assert_ranks_against_groundtruth(tmp_path / "adamw", "--points", "120", "--fp64")
 
 
-def test_embeddings_of_an_adamw_run_say_they_are_the_sgd_proxy(tmp_path):
-    """Asked for embeddings (embed.write: always), an AdamW run gets the SGD recursion's with a warning."""
+def test_embeddings_of_an_adamw_run_are_adam_aware_and_a_gaussian_store_says_sgd_proxy(tmp_path):
+    """Asked for embeddings (embed.write: always), an AdamW run with the subsample store gets (theta, m, v) ones:
+    3D per occurrence and a [3D, 3D] propagator per layer; under a Gaussian projection the SGD recursion's,
+    with a warning."""
     import logging
 
     from dvemb.config import EmbedConfig
     from dvemb.embed.run import embed_segment
+    from dvemb.store.gradstore import read_segment
+    from dvemb.store.rundir import load_tensors
 
     sets = ["--set", "train.epochs=1", "--set", "data.subset=300", "--set", "embed.segments=2"]
-    res = cli("run", "configs/digits_adamw.yaml", "--out", str(tmp_path / "r"), "--engine", "local", *sets)
-    assert res.exit_code == 0, res.output
     seen: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: seen.append(record.getMessage())
-    logger = logging.getLogger("dvemb.embed.run")  # the CLI's set-up may stop dvemb.* records propagating
-    logger.addHandler(handler)
-    try:
-        paths = embed_segment(RunDir(tmp_path / "r"), 0, EmbedConfig(write="always"), score_mode="embedding")
-    finally:
-        logger.removeHandler(handler)
-    assert paths and all(Path(p).is_file() for p in paths)
-    assert any("SGD recursion (a proxy for AdamW)" in m for m in seen), seen
+    logger = logging.getLogger("dvemb.embed.recorded_adam")  # the CLI's set-up may stop dvemb.* propagating
+    for kind in ("subsample", "kronecker"):
+        out = tmp_path / kind
+        res = cli("run", "configs/digits_adamw.yaml", "--out", str(out), "--engine", "local", *sets,
+                  "--set", f"capture.kind={kind}")  # fmt: skip
+        assert res.exit_code == 0, res.output
+        run = RunDir(out)
+        logger.addHandler(handler)
+        try:
+            paths = embed_segment(run, 0, EmbedConfig(write="always"), score_mode="embedding")
+        finally:
+            logger.removeHandler(handler)
+        assert paths and all(Path(p).is_file() for p in paths)
+        stored = {n: s.shape[1] for n, s in read_segment(run.grads(0), kind="grads")[0].grads.items()}
+        emb = read_segment(run.embeddings(0), kind="embeddings")[0].grads
+        prop = load_tensors(run.propagator(0))
+        if kind == "subsample":
+            assert {n: e.shape[1] for n, e in emb.items()} == {n: 3 * d for n, d in stored.items()}
+            assert {k: tuple(v.shape) for k, v in prop.items()} == {f"Q.{n}": (3 * d, 3 * d) for n, d in stored.items()}
+            assert not seen, seen
+        else:
+            assert {n: e.shape[1] for n, e in emb.items()} == stored
+            assert {k[:2] for k in prop} == {"M.", "al"}  # the SGD layout: M per layer, alpha
+            assert any("embedded and scored with the SGD proxy" in m for m in seen), seen
 
 
 def test_exact_mode_accepts_float32_drift_and_refuses_a_replay_that_misses(runs, tmp_path):

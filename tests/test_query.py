@@ -3,7 +3,7 @@
 Independent checks: the run's own table gives the run's own scores to the bit; first-order scores are linear
 in the validation objective, so the row-weighted sum of two queries over a split of the validation table is
 the whole table's score (every mode, SGD and AdamW with the exact removal step); embedding and direct modes
-agree on a query.
+agree on a query (SGD and Adam-aware embeddings).
 """
 
 from pathlib import Path
@@ -69,7 +69,7 @@ def test_the_runs_own_table_gives_the_runs_own_scores(runs):
 @pytest.mark.parametrize(
     "kind, sets",
     [("sgd", ["score.mode=exact"]), ("sgd", ["score.mode=direct"]), ("sgd", ["score.mode=embedding"]),
-     ("adamw", ["score.mode=exact"]), ("adamw", ["score.mode=direct"])],
+     ("adamw", ["score.mode=exact"]), ("adamw", ["score.mode=direct"]), ("adamw", ["score.mode=embedding"])],
 )  # fmt: skip
 def test_scores_are_linear_in_the_validation_rows(runs, tmp_path, kind, sets):
     """n_a s_a + n_b s_b = (n_a + n_b) s for every occurrence at every checkpoint (1e-9 of the largest score)."""
@@ -84,8 +84,10 @@ def test_scores_are_linear_in_the_validation_rows(runs, tmp_path, kind, sets):
     assert abs(s_a - whole).max() > 1e-3 * abs(whole).max()  # the parts are different queries
 
 
-def test_embedding_and_direct_modes_answer_a_query_alike(runs, tmp_path):
-    run = runs["sgd"]
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_embedding_and_direct_modes_answer_a_query_alike(runs, tmp_path, kind):
+    """From the embeddings (AdamW: the (theta, m, v) propagators) as from the gradient store, to 1e-9."""
+    run = runs[kind]
     a, _, _, _ = split(run, tmp_path)
     emb = query(run, a, "pair-embedding", "score.mode=embedding")
     direct = query(run, a, "pair-direct", "score.mode=direct")

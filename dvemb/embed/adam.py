@@ -21,7 +21,7 @@ rebuilt per step from the recorded boundary states and the captured batch gradie
 sampling ratio rho = (d_in d_out) / (k_a k_s), which makes them unbiased estimates of the full ones. Under a
 Gaussian projection the elementwise state has no image; a scalar stand-in for D (frozen per layer and
 segment) was measured to anti-correlate with TSLOO (the m and v paths of Adam nearly cancel and cannot
-be separated there), so such stores are scored with the SGD proxy instead (dvemb.score.adam).
+be separated there), so such stores are scored with the SGD proxy instead (dvemb.embed.recorded_adam).
 """
 
 from __future__ import annotations

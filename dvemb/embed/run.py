@@ -2,7 +2,8 @@
 
 The stage writes only what a later stage reads: with ``embed.write: auto`` (the default) embeddings
 and propagators are written when ``score.mode`` is ``embedding``; the exact and direct modes need
-none, and the stage then writes nothing.
+none, and the stage then writes nothing. An AdamW run with a store of the gradients' own coordinates gets
+Adam-aware embeddings (the linearised (theta, m, v) state, dvemb.embed.adam_propagator).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import torch
 
 from dvemb.checks import finite, finite_records
 from dvemb.config import EmbedConfig, writes_embeddings
+from dvemb.embed.adam_propagator import AdamPropagator, adam_embed_steps
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.propagator import Propagator
+from dvemb.embed.recorded_adam import adam_aware, adam_run, stored_coordinates
 from dvemb.embed.segments import embed_steps
 from dvemb.errors import StoreError
 from dvemb.store import integrity
@@ -59,17 +62,16 @@ def embed_segment(
         )
         return ()
     check_not_dropped(run, [run.grads(segment)], "embed")
-    if run.meta().get("optimizer", {}).get("kind") == "adamw":
-        log.warning(
-            "embed: segment %d of an AdamW run: these embeddings follow the SGD recursion (a proxy for AdamW); "
-            "the score stage scores AdamW runs with the Adam-aware recursion or exactly, not from them",
-            segment,
-        )
     records = read_segment(run.grads(segment), expected_steps=range(b[segment], b[segment + 1]), kind="grads")
     curv = curvature_fn(run, embed.curvature, [segment])
-    emb, prop = embed_steps(
-        records, read_schedule(run), dtype=DTYPES[embed.dtype], device=embed.device, curvature=curv, blocks=embed.blocks
-    )
+    dtype = DTYPES[embed.dtype]
+    if adam_aware(run):  # AdamW: (theta, m, v) embeddings; under a Gaussian store the SGD proxy (warned)
+        coords, params = stored_coordinates(run, dtype)
+        emb, prop = adam_embed_steps(records, adam_run(run), coords, params, dtype, embed.device, curv, embed.blocks)
+    else:
+        emb, prop = embed_steps(
+            records, read_schedule(run), dtype=dtype, device=embed.device, curvature=curv, blocks=embed.blocks
+        )
     finite_records(emb, f"segment {segment} embeddings")
     finite(prop.state_dict(), f"segment {segment} propagator")
     dims = {n: g.shape[1] for n, g in emb[0].grads.items()}
@@ -105,7 +107,16 @@ class PerSegment(Sequence[T]):
         return self._load(j)
 
 
-def load_embeddings(run: RunDir, device: str = "cpu") -> tuple[PerSegment[list[StepGrads]], PerSegment[Propagator]]:
+def load_propagator(state: dict[str, torch.Tensor], device: str = "cpu") -> Propagator | AdamPropagator:
+    """A segment propagator from its file's tensors: the SGD one (``M.<layer>``) or the AdamW one (``Q.<block>``)."""
+    if any(k.startswith("Q.") for k in state):
+        return AdamPropagator.from_state_dict(state, device)
+    return Propagator.from_state_dict(state, device)
+
+
+def load_embeddings(
+    run: RunDir, device: str = "cpu"
+) -> tuple[PerSegment[list[StepGrads]], PerSegment[Propagator | AdamPropagator]]:
     """Every segment's local embeddings and propagator, indexed by segment and read when indexed (one
     segment in memory at a time). StoreError when the embed stage did not write them (saying how to),
     DamagedFileError naming a damaged file."""
@@ -124,5 +135,5 @@ def load_embeddings(run: RunDir, device: str = "cpu") -> tuple[PerSegment[list[S
         )
     integrity.check_files(run.root, paths)
     local = PerSegment(k, lambda j: read_segment(run.embeddings(j), range(b[j], b[j + 1]), kind="embeddings"))
-    props = PerSegment(k, lambda j: Propagator.from_state_dict(load_tensors(run.propagator(j)), device))
+    props = PerSegment(k, lambda j: load_propagator(load_tensors(run.propagator(j)), device))
     return local, props

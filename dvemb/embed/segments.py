@@ -67,7 +67,7 @@ def compose(
     if m == 0:
         return []
     p0 = propagators[0]
-    r = Propagator(p0.dims, p0.dtype, p0.device)  # R = K_{m-1} … K_{j+1}, identity for j = m-1
+    r = type(p0)(p0.dims, p0.dtype, p0.device)  # R = K_{m-1} … K_{j+1}, identity for j = m-1
     parts: list[list[StepGrads]] = []
     for j in range(m - 1, -1, -1):
         parts.append(local[j] if j == m - 1 else _apply_rows(r, local[j]))

@@ -1,59 +1,16 @@
-"""Stage ``score`` for AdamW runs in embedding / direct mode: the Adam-aware recursion (dvemb.embed.adam)."""
+"""Stage ``score`` for AdamW runs in direct mode: the Adam-aware recursion (dvemb.embed.adam) over the store."""
 
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from dvemb.config import RunConfig
-from dvemb.embed.adam import AdamRun, StoredCoordinates, adam_direct_scores
+from dvemb.embed.adam import adam_direct_scores
 from dvemb.embed.curvature import curvature_fn
+from dvemb.embed.recorded_adam import adam_run, stored_coordinates
 from dvemb.embed.run import DTYPES
-from dvemb.runtask import model_at
-from dvemb.store.gradstore import read_projection, read_segment
-from dvemb.store.rundir import RunDir, load_tensors
-from dvemb.store.trajectory import read_steps
-from dvemb.types import OptimizerSpec
-
-log = logging.getLogger(__name__)
-
-
-def is_adamw(run: RunDir) -> bool:
-    return run.meta().get("optimizer", {}).get("kind") == "adamw"
-
-
-def adam_aware(run: RunDir) -> bool:
-    """An AdamW run whose store keeps the gradients' own coordinates (unprojected or ``subsample``): the
-    Adam-aware recursion applies. An AdamW run under a Gaussian projection falls back to the SGD proxy
-    (its elementwise state has no image there; measured in docs/RESULTS.md), with a warning."""
-    if not is_adamw(run):
-        return False
-    specs = read_projection(run.projection)
-    if all(s.kind == "subsample" or (s.identity_a and s.identity_s) for s in specs.values()):
-        return True
-    log.warning(
-        "%s: an AdamW run captured with a Gaussian projection is scored with the SGD proxy; capture with "
-        "capture.kind=subsample (the AdamW default) or use score.mode=exact",
-        run.root,
-    )
-    return False
-
-
-def adam_run(run: RunDir) -> AdamRun:
-    """The recorded AdamW: hyper-parameters, per-step per-group LR / decay / clip, boundary states."""
-    spec = OptimizerSpec.from_json(run.meta()["optimizer"])
-    steps = read_steps(run)
-    states = {b: load_tensors(run.optimizer_state(b)) for b in run.boundaries if run.optimizer_state(b).exists()}
-    return AdamRun(
-        betas=spec.betas,
-        eps=spec.eps,
-        lr=steps["group_lr"].to_list(),
-        weight_decay=steps["group_weight_decay"].to_list(),
-        clip=steps["clip_factor"].to_list() if spec.grad_clip is not None else [1.0] * steps.height,
-        group_of=spec.group_of,
-        states=states,
-    )
+from dvemb.store.gradstore import read_segment
+from dvemb.store.rundir import RunDir
 
 
 def adam_occurrence_scores(run: RunDir, cfg: RunConfig, checkpoint: int, validation) -> list[torch.Tensor]:
@@ -61,8 +18,6 @@ def adam_occurrence_scores(run: RunDir, cfg: RunConfig, checkpoint: int, validat
     b = run.boundaries
     m = b.index(checkpoint)
     records = [r for j in range(m) for r in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads")]
-    model = model_at(run, 0)
-    params = dict(model.named_parameters())
-    coords = StoredCoordinates(model, read_projection(run.projection), DTYPES[cfg.embed.dtype])
+    coords, params = stored_coordinates(run, DTYPES[cfg.embed.dtype])
     curv = curvature_fn(run, cfg.embed.curvature, range(m))
     return adam_direct_scores(records, adam_run(run), coords, params, validation, curv, cfg.embed.blocks)
