@@ -243,7 +243,7 @@ def all_detectors(run: RunDir, cfg: RunConfig, emb_occ: pl.DataFrame | None) -> 
 def embedding_occurrences(run: RunDir, cfg: RunConfig) -> pl.DataFrame:
     """Embedding-mode scores of every occurrence at the final checkpoint (sample_id, step, score), as
     ``score.mode: embedding`` would write them, without touching the run's scores/ (AdamW: the Adam-aware
-    recursion that mode uses)."""
+    direct recursion, which gives that mode's numbers without writing embeddings)."""
     b = run.boundaries
     k = len(b) - 1
     if adam_aware(run):

@@ -12,7 +12,7 @@ repeated, and its scores are written next to it::
 
 The mode is ``score.mode``: ``exact`` replays the trajectory once for this objective; ``embedding`` answers from
 the stored embeddings and propagators (the many-query mode: a validation gradient per checkpoint and a pass over
-the embeddings); ``direct`` (and AdamW runs outside exact mode) from the gradient store.
+the embeddings; AdamW runs: the Adam-aware (theta, m, v) embeddings); ``direct`` from the gradient store.
 """
 
 from __future__ import annotations
