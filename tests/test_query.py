@@ -132,3 +132,21 @@ def test_an_existing_query_is_kept_unless_forced(runs, tmp_path):
     assert RunDir(run).meta()["status"] != "failed"
     res = cli("query", run, a, "--name", "../escape")
     assert res.exit_code == 2 and "query name '../escape'" in one_line(res)
+
+
+def test_an_adamw_runs_embeddings_answer_queries_without_the_gradient_store(runs, tmp_path):
+    """Once `dvemb gc` has dropped an AdamW run's gradients, its Adam-aware embeddings still answer a new query,
+    with the direct mode's numbers from before the drop (1e-9)."""
+    import shutil
+
+    run = shutil.copytree(runs["adamw"], tmp_path / "run")
+    a, _, _, _ = split(run, tmp_path)
+    direct = query(run, a, "before", "score.mode=direct")
+    res = cli("gc", run, "--drop-grads")
+    assert res.exit_code == 0, res.output
+    assert not list((run / "grads").glob("seg-*.arrow"))
+    after = query(run, a, "after", "score.mode=embedding")
+    assert after.select("sample_id", "step", "checkpoint").equals(direct.select("sample_id", "step", "checkpoint"))
+    assert (after["score"] - direct["score"]).abs().max() <= 1e-9 * direct["score"].abs().max()
+    res = cli("query", run, a, "--name", "gone", "--set", "score.mode=direct")
+    assert res.exit_code == 2 and "dropped by `dvemb gc`" in one_line(res), res.output
