@@ -52,7 +52,7 @@ from dvemb.config import load_config
 from dvemb.embed.adam import StoredCoordinates, adam_coefficients, adam_direct_scores
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.propagator import Curvature
-from dvemb.embed.recorded_adam import adam_run
+from dvemb.embed.recorded_state import adam_run
 from dvemb.replay.exact import exact_scores
 from dvemb.replay.trajectory import Trajectory, load_trajectory
 from dvemb.runtask import model_at

@@ -47,14 +47,14 @@ from dvemb.curate.detect import detection_metrics, dvemb_values, grad_dot_values
 from dvemb.curate.plan import Window
 from dvemb.curate.retrain import METRICS, Variant, fit_variant, summarize
 from dvemb.curate.run import build_plan, curated_table
-from dvemb.embed.recorded_adam import adam_aware
+from dvemb.embed.recorded_state import adam_aware
 from dvemb.embed.run import load_embeddings
 from dvemb.eval.groundtruth import all_epoch_loo, choose_samples, load_trajectory, verify_replay
 from dvemb.pipeline import run_local
 from dvemb.replay.optim import ReplayError
-from dvemb.score.adam import adam_occurrence_scores
 from dvemb.score.run import val_vectors
 from dvemb.score.scores import occurrence_table, segment_scores
+from dvemb.score.state import state_occurrence_scores
 from dvemb.score.values import phases_for, run_phases, smooth_curve, step_curve
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir
@@ -248,7 +248,7 @@ def embedding_occurrences(run: RunDir, cfg: RunConfig) -> pl.DataFrame:
     k = len(b) - 1
     if adam_aware(run):
         records = [r for j in range(k) for r in read_segment(run.grads(j), range(b[j], b[j + 1]), kind="grads")]
-        return occurrence_table(records, adam_occurrence_scores(run, cfg, b[k], val_vectors(run, cfg, b[k])))
+        return occurrence_table(records, state_occurrence_scores(run, cfg, b[k], val_vectors(run, cfg, b[k])))
     local, props = load_embeddings(run, cfg.embed.device)
     s = segment_scores(local, props, val_vectors(run, cfg, b[k]), upto=k)
     return occurrence_table([e for seg in local for e in seg], s)

@@ -44,13 +44,13 @@ import torch
 from dvemb.config import load_config
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
-from dvemb.embed.recorded_adam import adam_aware
+from dvemb.embed.recorded_state import adam_aware
 from dvemb.eval.groundtruth import choose_points, tsloo_points
 from dvemb.eval.metrics import pearson, spearman
 from dvemb.replay.exact import exact_scores, removal_is_step
 from dvemb.replay.trajectory import load_trajectory, replay_range
-from dvemb.score.adam import adam_occurrence_scores
 from dvemb.score.run import val_vectors
+from dvemb.score.state import state_occurrence_scores
 from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir
 from dvemb.store.trajectory import read_schedule
@@ -138,7 +138,7 @@ def run_regime(name: str, projection: str, points: int, workdir: Path, quick: bo
         v = val_vectors(run, cfg, traj.boundaries[-1])
         for curvature, blocks in (("empirical", "layer"), ("fisher", "model")):
             embed = cfg.embed.model_copy(update={"curvature": curvature, "blocks": blocks})
-            scores = adam_occurrence_scores(run, cfg.model_copy(update={"embed": embed}), traj.boundaries[-1], v)
+            scores = state_occurrence_scores(run, cfg.model_copy(update={"embed": embed}), traj.boundaries[-1], v)
             estimates[f"adam-{curvature}{'-model' if blocks == 'model' else ''}"] = [x[:, 0] for x in scores]
     truth = truth or ground_truth(traj, points)
     phases = {

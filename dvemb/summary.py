@@ -35,22 +35,24 @@ def fidelity(run: RunDir, meta: dict) -> str:
     cap, emb = c["capture"], c["embed"]
     store = f"{cap['kind']} projection k_a={cap['k_a']} x k_s={cap['k_s']}"
     model = f"{emb['curvature']} curvature, {emb['blocks']} blocks, {store}"
-    if kind == "adamw":
-        from dvemb.embed.recorded_adam import adam_aware
+    if kind in ("adamw", "sgd"):
+        from dvemb.embed.recorded_state import state_kind
 
-        quiet = logging.getLogger("dvemb.embed.recorded_adam")
+        quiet = logging.getLogger("dvemb.embed.recorded_state")
         was, quiet.disabled = quiet.disabled, True  # the score stage has already warned about the SGD proxy
         try:
-            aware = adam_aware(run)
+            state = state_kind(run)
         finally:
             quiet.disabled = was
-        if aware:
-            source = "the Adam-aware data value embeddings" if mode == "embedding" else "the stored gradients"
+        if state:
+            what = "AdamW (parameters and both moments)" if state == "adamw" else "SGD momentum (parameters and buffer)"
+            source = "their data value embeddings" if mode == "embedding" else "the stored gradients"
             return (
-                f"{mode}: approximate first-order leave-one-out through the linearised AdamW recursion "
-                f"(parameters and moments; {emb['curvature']} curvature), from {source} ({store})"
+                f"{mode}: approximate first-order leave-one-out through the linearised {what} "
+                f"({emb['curvature']} curvature), from {source} ({store})"
             )
-        model += "; AdamW treated as SGD with the recorded LR (proxy)"
+        if kind == "adamw":
+            model += "; AdamW treated as SGD with the recorded LR (proxy)"
     how = "from the data value embeddings" if mode == "embedding" else "from the stored gradients"
     return f"{mode}: approximate first-order leave-one-out through a curvature model ({model}), {how}"
 

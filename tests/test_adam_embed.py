@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from dvemb.capture.hooks import GradientCapture
-from dvemb.embed.adam import AdamRun, StoredCoordinates, adam_direct_scores
-from dvemb.embed.adam_propagator import AdamPropagator, adam_embed_steps
+from dvemb.embed.adam import AdamRun, StoredCoordinates, adam_coefficients, adam_direct_scores, adam_step_coefficients
+from dvemb.embed.linear_state import StatePropagator, state_embed_steps
 from dvemb.embed.propagator import Curvature
 from dvemb.embed.segments import compose
 from dvemb.score.scores import dot_scores, segment_scores
@@ -87,7 +87,7 @@ def test_adam_embeddings_give_the_direct_recursions_scores(blocks, curvature):
     local, props = zip(
         *(adam_embed_steps(s, run, coords, params, F64, curvature=curv, blocks=blocks) for s in segments)
     )
-    assert all(isinstance(p, AdamPropagator) for p in props)
+    assert all(isinstance(p, StatePropagator) for p in props)
     assert {e.shape[1] for e in local[0][0].grads.values()} == (
         {3 * sum(dims.values())} if blocks == "model" else {3 * d for d in dims.values()}
     )
@@ -106,6 +106,12 @@ def _merged(val: dict[str, torch.Tensor], blocks: str) -> dict[str, torch.Tensor
     return {"model": torch.cat([val[n] for n in sorted(val)], dim=1)} if blocks == "model" else val
 
 
+def adam_embed_steps(records, run, coords, params, dtype, curvature=None, blocks="layer"):
+    coef = adam_step_coefficients(adam_coefficients(records, run, coords, params), run.betas)
+    clip = [run.clip[r.step] for r in records]
+    return state_embed_steps(records, coef, clip, coords.rho(), dtype, curvature=curvature, blocks=blocks)
+
+
 def test_adam_propagator_round_trips_and_composes():
     """One pass over both segments gives the product of the segments' propagators; a saved one loads back."""
     gen = torch.Generator().manual_seed(4)
@@ -117,7 +123,5 @@ def test_adam_propagator_round_trips_and_composes():
     for n, q in whole.Q.items():
         torch.testing.assert_close(second.Q[n], q, rtol=0, atol=1e-12)
         assert not torch.allclose(q, torch.eye(q.shape[0], dtype=F64))
-    back = AdamPropagator.from_state_dict(whole.state_dict())
+    back = StatePropagator.from_state_dict(whole.state_dict())
     assert all(torch.equal(back.Q[n], q) for n, q in whole.Q.items())
-    with pytest.raises(ValueError, match="3D coordinates"):
-        AdamPropagator({"l1": 4})

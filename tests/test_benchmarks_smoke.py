@@ -138,3 +138,22 @@ def test_peer_adamw_quick_mode(tmp_path):
     assert r["propagations_rel_diff"] < 1e-4  # dattri-llm's W- and query-side sweeps agree (its float32)
     last = r["phases"]["last"]["estimators"]["dattri-llm AdamWInfluence (propagation=train)"]
     assert last["spearman"] > 0.5 and last["scale"] > 0  # sign turned to TSLOO's (0.98 / 0.96 measured)
+
+
+def test_adam_embed_benchmark_quick_mode(tmp_path):
+    """The Adam-aware embedding tier's cost benchmark on tiny AdamW runs (subsample store, 4 and 1 segments):
+    both modes timed, the embed stage wrote its files, and the two modes agree (the bench asserts 1e-9)."""
+    out = tmp_path / "bench_adam_embed.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_adam_embed", "--quick", "--repeats", "1", "--out", str(out)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["store"], r["segments"]) for r in rows] == [("subsample 32x32", 4), ("subsample 32x32", 1)]
+    for r in rows:
+        assert r["max_rel_diff"] <= 1e-9
+        assert r["seconds"]["direct_per_query"] > 0 and r["seconds"]["embedding_per_query"] > 0
+        assert len(r["seconds"]["embed_per_segment"]) == r["segments"]
+        assert min(r["bytes"].values()) > 0  # gradients, curvature vectors, embeddings, propagators on disk
+    # 3D floats per occurrence and a [3D, 3D] propagator per layer and segment: 4 segments hold 4x the propagators
+    assert rows[0]["bytes"]["propagators"] == 4 * rows[1]["bytes"]["propagators"]

@@ -93,7 +93,7 @@ def test_embeddings_of_an_adamw_run_are_adam_aware_and_a_gaussian_store_says_sgd
     seen: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: seen.append(record.getMessage())
-    logger = logging.getLogger("dvemb.embed.recorded_adam")  # the CLI's set-up may stop dvemb.* propagating
+    logger = logging.getLogger("dvemb.embed.recorded_state")  # the CLI's set-up may stop dvemb.* propagating
     for kind in ("subsample", "kronecker"):
         out = tmp_path / kind
         res = cli("run", "configs/digits_adamw.yaml", "--out", str(out), "--engine", "local", *sets,

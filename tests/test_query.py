@@ -14,11 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 from dvemb.cli import app
+from dvemb.store.gradstore import read_segment
 from dvemb.store.rundir import RunDir
 
 FP64 = ["train.precision=64-true", "capture.dtype=float64", "embed.dtype=float64"]
 TINY = ["train.epochs=2", "data.subset=200", "embed.segments=2", "embed.write=always", *FP64]
 ADAMW = ["train.optimizer=adamw", "train.lr=0.01", "capture.kind=subsample"]
+MOMENTUM = ["train.momentum=0.9", "train.lr=0.05"]
 runner = CliRunner()
 
 
@@ -33,7 +35,11 @@ def one_line(res) -> str:
 @pytest.fixture(scope="module")
 def runs(cli_run, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("query")
-    return {"sgd": cli_run(root / "sgd", TINY), "adamw": cli_run(root / "adamw", TINY + ADAMW)}
+    return {
+        "sgd": cli_run(root / "sgd", TINY),
+        "adamw": cli_run(root / "adamw", TINY + ADAMW),
+        "momentum": cli_run(root / "momentum", TINY + MOMENTUM),  # the default Gaussian store
+    }
 
 
 def query(run: Path, table: Path, name: str, *sets: str):
@@ -69,7 +75,8 @@ def test_the_runs_own_table_gives_the_runs_own_scores(runs):
 @pytest.mark.parametrize(
     "kind, sets",
     [("sgd", ["score.mode=exact"]), ("sgd", ["score.mode=direct"]), ("sgd", ["score.mode=embedding"]),
-     ("adamw", ["score.mode=exact"]), ("adamw", ["score.mode=direct"]), ("adamw", ["score.mode=embedding"])],
+     ("adamw", ["score.mode=exact"]), ("adamw", ["score.mode=direct"]), ("adamw", ["score.mode=embedding"]),
+     ("momentum", ["score.mode=embedding"])],
 )  # fmt: skip
 def test_scores_are_linear_in_the_validation_rows(runs, tmp_path, kind, sets):
     """n_a s_a + n_b s_b = (n_a + n_b) s for every occurrence at every checkpoint (1e-9 of the largest score)."""
@@ -84,10 +91,19 @@ def test_scores_are_linear_in_the_validation_rows(runs, tmp_path, kind, sets):
     assert abs(s_a - whole).max() > 1e-3 * abs(whole).max()  # the parts are different queries
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "momentum"])
 def test_embedding_and_direct_modes_answer_a_query_alike(runs, tmp_path, kind):
-    """From the embeddings (AdamW: the (theta, m, v) propagators) as from the gradient store, to 1e-9."""
+    """From the embeddings (AdamW: the (theta, m, v) propagators; momentum: (theta, b)) as from the gradient
+    store, to 1e-9."""
+    from dvemb.store.rundir import load_tensors
+
     run = runs[kind]
+    prop = load_tensors(RunDir(run).propagator(0))
+    width = {"sgd": 0, "adamw": 3, "momentum": 2}[kind]  # state blocks per stored coordinate (0: the SGD layout)
+    assert all(k.startswith("Q.") for k in prop) if width else all(not k.startswith("Q.") for k in prop)
+    if width:
+        dims = {n: g.shape[1] for n, g in read_segment(RunDir(run).grads(0), kind="grads")[0].grads.items()}
+        assert {k[2:]: v.shape[0] for k, v in prop.items()} == {n: width * d for n, d in dims.items()}
     a, _, _, _ = split(run, tmp_path)
     emb = query(run, a, "pair-embedding", "score.mode=embedding")
     direct = query(run, a, "pair-direct", "score.mode=direct")

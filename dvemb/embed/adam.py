@@ -9,9 +9,9 @@ of the LINEARISED optimizer (per coordinate, with ``D = 1/(sqrt(v'/bc2) + eps)``
     dtheta' = (1 - lr wd) dtheta - c1 [D (.) dm' - S (.) dv']          dg_k = c_k H_k dtheta_k
 
 with H_k the curvature model of the embedding modes (empirical Fisher or GGN vectors from the store).
-Scores come validation-first, as in :mod:`dvemb.embed.direct`: the adjoint ``(u_theta, u_m, u_v)`` starts
-at ``(grad f(theta_T), 0, 0)`` and runs backwards through the transposed map; the occurrence's score
-(first-order TSLOO, positive = helped) is ``-c_t <ubar_g, g_{t,z}>`` with
+In the form of :mod:`dvemb.embed.linear_state` (which scores validation-first and forms embeddings): the
+adjoint ``(u_theta, u_m, u_v)`` starts at ``(grad f(theta_T), 0, 0)`` and runs backwards through the transposed
+map; the occurrence's score (first-order TSLOO, positive = helped) is ``-c_t <ubar_g, g_{t,z}>`` with
 ``ubar_g = (1 - b1)(u_m - c1 D u_theta) + 2 (1 - b2) g (.) (u_v + c1 S u_theta)``.
 
 Elementwise D and S need the stored coordinates to be the gradient's own: unprojected capture, or
@@ -21,7 +21,7 @@ rebuilt per step from the recorded boundary states and the captured batch gradie
 sampling ratio rho = (d_in d_out) / (k_a k_s), which makes them unbiased estimates of the full ones. Under a
 Gaussian projection the elementwise state has no image; a scalar stand-in for D (frozen per layer and
 segment) was measured to anti-correlate with TSLOO (the m and v paths of Adam nearly cancel and cannot
-be separated there), so such stores are scored with the SGD proxy instead (dvemb.embed.recorded_adam).
+be separated there), so such stores are scored with the SGD proxy instead (dvemb.embed.recorded_state).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from torch import nn
 
 from dvemb.capture.layers import kind_of
 from dvemb.capture.projection import Projector
-from dvemb.embed.propagator import Curvature, Vectors, empirical_fisher
+from dvemb.embed.linear_state import StepCoef, state_direct_scores
+from dvemb.embed.propagator import Curvature, Vectors
 from dvemb.errors import CaptureError
 from dvemb.types import LayerProjection, StepGrads
 
@@ -74,6 +75,10 @@ class StoredCoordinates:
         """Parameters per stored coordinate of layer ``name`` (1 unprojected; d / k for a subsample)."""
         s = self.specs[name]
         return s.d_in * s.d_out / s.dim
+
+    def rho(self) -> dict[str, torch.Tensor]:
+        """layer -> [dim] float64: :meth:`ratio` per stored coordinate."""
+        return {n: torch.full((s.dim,), self.ratio(n), dtype=torch.float64) for n, s in self.specs.items()}
 
     def exact(self) -> bool:
         """True when every stored coordinate is a coordinate of the parameters (identity or subsample)."""
@@ -153,6 +158,32 @@ def adam_coefficients(
     return out
 
 
+def adam_step_coefficients(
+    coef: list[dict[str, dict[str, torch.Tensor]]], betas: tuple[float, float]
+) -> list[StepCoef]:
+    """:func:`adam_coefficients` in the form of dvemb.embed.linear_state (state (theta, m, v))."""
+    b1, b2 = betas
+    out = []
+    for step in coef:
+        lin = {}
+        for n, k in step.items():
+            one = torch.ones_like(k["c1d"])
+            k2 = 2 * (1 - b2) * k["g"]
+            lin[n] = {
+                "b1": b1 * one,
+                "k1": (1 - b1) * one,
+                "b2": b2 * one,
+                "k2": k2,
+                "P": k["c1d"],
+                "S": k["c1s"],
+                "a": (1 - b1) * k["c1d"] - k2 * k["c1s"],
+                "lam": 0 * one,
+                "decay": k["decay"] * one,
+            }
+        out.append(lin)
+    return out
+
+
 def adam_direct_scores(
     records: Sequence[StepGrads],
     run: AdamRun,
@@ -169,34 +200,15 @@ def adam_direct_scores(
     validation: layer -> [V, D] projected validation gradients at that checkpoint;
     coef: :func:`adam_coefficients` of ``records`` (None: computed here).
     """
-    b1, b2 = run.betas
-    dt = coords.dtype
     coef = coef if coef is not None else adam_coefficients(records, run, coords, params)
-    names = list(coords.specs)
-    rho = {n: coords.ratio(n) for n in names}  # inner products over a coordinate subset, scaled to the full
-    u = {n: validation[n].to(dt).T.contiguous() for n in names}  # [D, V]
-    um = {n: torch.zeros_like(u[n]) for n in names}
-    uv = {n: torch.zeros_like(u[n]) for n in names}
-    out: list[torch.Tensor] = []
-    for rec, c in zip(reversed(records), reversed(coef)):
-        clip = float(run.clip[rec.step])
-        ubar = {}
-        for n in names:
-            k = c[n]
-            um_bar = um[n] - k["c1d"][:, None] * u[n]
-            uv_bar = uv[n] + k["c1s"][:, None] * u[n]
-            ubar[n] = (1 - b1) * um_bar + 2 * (1 - b2) * k["g"][:, None] * uv_bar
-            um[n], uv[n] = b1 * um_bar, b2 * uv_bar
-        out.append(-clip * sum(rho[n] * (rec.grads[n].to(dt) @ ubar[n]) for n in names))  # [B, V]
-        curv = curvature(rec) if curvature else empirical_fisher(rec)
-        w = curv.coef.to(dt)[:, None]
-        dots = {n: rho[n] * (curv.vectors[n].to(dt) @ ubar[n]) for n in names}  # [J, V] each
-        if blocks == "model":
-            fu = sum(dots.values()) * w
-            hu = {n: curv.vectors[n].to(dt).T @ fu for n in names}
-        else:
-            hu = {n: curv.vectors[n].to(dt).T @ (dots[n] * w) for n in names}
-        for n in names:
-            u[n] = c[n]["decay"][:, None] * u[n] + clip * hu[n]
-    out.reverse()
-    return out
+    clip = [float(run.clip[r.step]) for r in records]
+    return state_direct_scores(
+        records,
+        adam_step_coefficients(coef, run.betas),
+        clip,
+        coords.rho(),
+        validation,
+        curvature,
+        blocks,
+        coords.dtype,
+    )

@@ -2,8 +2,9 @@
 
 The stage writes only what a later stage reads: with ``embed.write: auto`` (the default) embeddings
 and propagators are written when ``score.mode`` is ``embedding``; the exact and direct modes need
-none, and the stage then writes nothing. An AdamW run with a store of the gradients' own coordinates gets
-Adam-aware embeddings (the linearised (theta, m, v) state, dvemb.embed.adam_propagator).
+none, and the stage then writes nothing. Runs whose optimizer has state get embeddings of the linearised state
+(dvemb.embed.linear_state): AdamW with a store of the gradients' own coordinates (theta, m, v), SGD with
+momentum (theta, b).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch
 
 from dvemb.checks import finite, finite_records
 from dvemb.config import EmbedConfig, writes_embeddings
-from dvemb.embed.adam_propagator import AdamPropagator, adam_embed_steps
 from dvemb.embed.curvature import curvature_fn
+from dvemb.embed.linear_state import StatePropagator, state_embed_steps
 from dvemb.embed.propagator import Propagator
-from dvemb.embed.recorded_adam import adam_aware, adam_run, stored_coordinates
+from dvemb.embed.recorded_state import state_coefficients, state_kind
 from dvemb.embed.segments import embed_steps
 from dvemb.errors import StoreError
 from dvemb.store import integrity
@@ -65,9 +66,9 @@ def embed_segment(
     records = read_segment(run.grads(segment), expected_steps=range(b[segment], b[segment + 1]), kind="grads")
     curv = curvature_fn(run, embed.curvature, [segment])
     dtype = DTYPES[embed.dtype]
-    if adam_aware(run):  # AdamW: (theta, m, v) embeddings; under a Gaussian store the SGD proxy (warned)
-        coords, params = stored_coordinates(run, dtype)
-        emb, prop = adam_embed_steps(records, adam_run(run), coords, params, dtype, embed.device, curv, embed.blocks)
+    if state_kind(run):  # AdamW (theta, m, v) / momentum (theta, b); a Gaussian AdamW store: SGD proxy (warned)
+        coef, clip, rho = state_coefficients(run, records, dtype)
+        emb, prop = state_embed_steps(records, coef, clip, rho, dtype, embed.device, curv, embed.blocks)
     else:
         emb, prop = embed_steps(
             records, read_schedule(run), dtype=dtype, device=embed.device, curvature=curv, blocks=embed.blocks
@@ -107,16 +108,17 @@ class PerSegment(Sequence[T]):
         return self._load(j)
 
 
-def load_propagator(state: dict[str, torch.Tensor], device: str = "cpu") -> Propagator | AdamPropagator:
-    """A segment propagator from its file's tensors: the SGD one (``M.<layer>``) or the AdamW one (``Q.<block>``)."""
+def load_propagator(state: dict[str, torch.Tensor], device: str = "cpu") -> Propagator | StatePropagator:
+    """A segment propagator from its file's tensors: the SGD one (``M.<layer>``) or an optimizer state's
+    (``Q.<block>``: AdamW, SGD with momentum)."""
     if any(k.startswith("Q.") for k in state):
-        return AdamPropagator.from_state_dict(state, device)
+        return StatePropagator.from_state_dict(state, device)
     return Propagator.from_state_dict(state, device)
 
 
 def load_embeddings(
     run: RunDir, device: str = "cpu"
-) -> tuple[PerSegment[list[StepGrads]], PerSegment[Propagator | AdamPropagator]]:
+) -> tuple[PerSegment[list[StepGrads]], PerSegment[Propagator | StatePropagator]]:
     """Every segment's local embeddings and propagator, indexed by segment and read when indexed (one
     segment in memory at a time). StoreError when the embed stage did not write them (saying how to),
     DamagedFileError naming a damaged file."""

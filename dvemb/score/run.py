@@ -14,13 +14,13 @@ from dvemb.config import RunConfig
 from dvemb.data import TableDataModule
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
-from dvemb.embed.recorded_adam import adam_aware
+from dvemb.embed.recorded_state import state_kind
 from dvemb.embed.run import DTYPES, load_embeddings
 from dvemb.embed.segments import CurvatureFn
 from dvemb.runtask import model_at, task_of
-from dvemb.score.adam import adam_occurrence_scores
 from dvemb.score.exact import exact_occurrences
 from dvemb.score.scores import occurrence_table, segment_scores
+from dvemb.score.state import state_occurrence_scores
 from dvemb.score.validation import validation_gradients
 from dvemb.score.values import run_phases, value_table
 from dvemb.store.atomic import atomic_path
@@ -100,10 +100,10 @@ def occurrence_scores(run: RunDir, cfg: RunConfig, val: Path | None = None) -> p
     tables = []
     if cfg.score.mode == "exact":
         tables.append(exact_occurrences(run, cfg, val))
-    elif cfg.score.mode == "direct" and adam_aware(run):  # AdamW: the linearised (theta, m, v) recursion
+    elif cfg.score.mode == "direct" and state_kind(run):  # AdamW / momentum: the linearised state recursion
         index = occurrence_index(grad_records(run).files, b, "grads")
         for m in checkpoints:
-            s = adam_occurrence_scores(run, cfg, b[m], val_vectors(run, cfg, b[m], table=val))
+            s = state_occurrence_scores(run, cfg, b[m], val_vectors(run, cfg, b[m], table=val))
             tables.append(occurrence_table(index[: b[m]], s, checkpoint=b[m]))
     elif cfg.score.mode == "embedding":
         local, props = load_embeddings(run, device)

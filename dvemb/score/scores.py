@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import polars as pl
 import torch
 
-from dvemb.embed.adam_propagator import AdamPropagator
 from dvemb.embed.blocks import align
+from dvemb.embed.linear_state import StatePropagator
 from dvemb.embed.propagator import Propagator, Vectors
 from dvemb.types import StepGrads
 
@@ -33,20 +33,20 @@ def dot_scores(records: Sequence[StepGrads], validation: Vectors) -> list[torch.
 
 def segment_scores(
     local: Sequence[Sequence[StepGrads]],
-    propagators: Sequence[Propagator | AdamPropagator],
+    propagators: Sequence[Propagator | StatePropagator],
     validation: Vectors,
     upto: int | None = None,
 ) -> list[torch.Tensor]:
     """Scores at checkpoint b_m without materialising global embeddings.
 
     Propagates the validation vectors instead: U_{m-1} = v, U_{j-1} = K_j^T U_j, and scores
-    segment j's local embeddings against U_j. Same numbers as ``dot_scores(compose(...))``. Adam-aware
-    propagators carry states (theta, m, v): v is padded with zeros for the moments.
+    segment j's local embeddings against U_j. Same numbers as ``dot_scores(compose(...))``. Propagators of an
+    optimizer's state carry (theta, m[, v]): v is padded with zeros for the moments.
     """
     m = len(propagators) if upto is None else upto
     p0 = propagators[0]
     u = align(dict(validation), set(p0.dims))
-    if isinstance(p0, AdamPropagator):
+    if isinstance(p0, StatePropagator):
         u = p0.seed(u)
     parts = []
     for j in range(m - 1, -1, -1):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import polars as pl
 import torch
@@ -47,13 +47,18 @@ def read_schedule(run: RunDir) -> Schedule:
     for t, (lr_t, glr, gwd, c) in enumerate(rows):
         if len(glr) != len(groups) or len(gwd) != len(groups):
             raise StoreError(f"{run.steps}: step {t} records {len(glr)} group LRs for {len(groups)} param groups")
-        skipped = lr_t == 0.0 and glr[0] * c != 0.0
+        skipped = was_skipped(lr_t, glr, c)
         group_lr.append([0.0 if skipped else x * c for x in glr] + [0.0])  # last: frozen (no group)
         group_wd.append([(w / c if sgd and c > 0 else 0.0) for w in gwd] + [0.0])
     group_of = {p: i for i, ps in enumerate(groups) for p in ps}
     specs = read_projection(run.projection)
     layers = {n: stored_groups(n, s, group_of, frozen=len(groups)) for n, s in specs.items()}
     return Schedule(lr, wd, group_lr, group_wd, layers)
+
+
+def was_skipped(lr: float, group_lr: Sequence[float], clip: float) -> bool:
+    """A step whose update the AMP scaler skipped: recorded with ``lr`` 0 while its groups' LRs were not."""
+    return lr == 0.0 and group_lr[0] * clip != 0.0
 
 
 def stored_groups(layer: str, spec: LayerProjection, group_of: Mapping[str, int], frozen: int) -> int | torch.Tensor:

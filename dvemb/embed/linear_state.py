@@ -1,0 +1,198 @@
+"""An optimizer with state, linearised around the recorded trajectory: scores validation-first and as embeddings.
+
+The state per block (a layer, or the whole model) is ``s = (theta, m)`` or ``(theta, m, v)``, D coordinates each.
+Step t, with c its clip factor, H_t the curvature model and ``dd = c H dtheta + lam dtheta`` the change of the
+direction the optimizer receives (the gradient plus coupled decay), maps the linearised state by::
+
+    m' = b1 m + k1 dd            v' = b2 v + k2 dd
+    theta' = decay theta - a dd - b1 P m + b2 S v
+
+and removing occurrence (t, z) adds ``-c g_z`` to dd. Every coefficient is a [D] vector of the step
+(:class:`StepCoef`): AdamW (dvemb.embed.adam) has ``k1 = 1 - beta1``, ``k2 = 2 (1 - beta2) g``, ``P = lr D / bc1``,
+``S = lr S / bc1``, ``a = P k1 - S k2``; SGD with momentum (dvemb.embed.momentum) has no v, ``b1 = mu``,
+``k1 = 1 - dampening``, ``P = lr`` (Nesterov: ``P = lr mu``, ``a = P k1 + lr``), ``lam`` the coupled decay.
+``H x = rho (.) sum_j beta_j f_j <f_j, x>`` with rho each stored coordinate's sampling ratio (a coordinate
+subsample's inner products scaled to the full ones; 1 otherwise).
+
+Two equal ways to the scores (positive = the occurrence helped):
+
+* validation-first (:func:`state_direct_scores`): the adjoint ``(u_theta, u_m, u_v)`` starts at
+  ``(grad f(theta_T), 0, 0)``; step t scores ``-c <rho g_z, ubar>`` with ``ubar = -a u_theta + k1 u_m + k2 u_v``,
+  then ``u_theta <- decay u_theta + c H^T ubar + lam ubar``, ``u_m <- b1 (u_m - P u_theta)``,
+  ``u_v <- b2 (u_v + S u_theta)``;
+* embeddings (:class:`StatePropagator`): a segment processed backwards from ``Q = I`` ([nD, nD] per block,
+  n = 2 or 3); with Q's column blocks and ``W = -Q_theta diag(a) + Q_m diag(k1) + Q_v diag(k2)``, the local
+  embedding is ``e_z = -c W (rho g_z)`` (the segment-end state the removal changes) and
+  ``Q <- Q Phi_t``: ``Q_theta <- Q_theta diag(decay) + c W H + W diag(lam)``, ``Q_m <- b1 (Q_m - Q_theta P)``,
+  ``Q_v <- b2 (Q_v + Q_theta S)``. A score is ``<(v_val, 0, 0), K_{m-1} … K_{j+1} e_z>``.
+Storage of the embeddings: nD floats per occurrence and nD x nD per block and segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from dvemb.embed.blocks import MODEL, check_blocks, merge_curvature, merge_layers, merge_step
+from dvemb.embed.propagator import Curvature, Vectors, empirical_fisher
+from dvemb.types import LayerProjection, StepGrads
+
+StepCoef = dict[str, dict[str, torch.Tensor]]  # block -> coefficient name -> [D]
+CurvatureFn = Callable[[StepGrads], Curvature]
+
+
+def sampling_ratio(spec: LayerProjection) -> float:
+    """Parameters per stored coordinate of a coordinate subsample (its inner products scale by it); 1 for the
+    gradient's own coordinates and for a Gaussian projection (which preserves inner products in expectation)."""
+    return spec.d_in * spec.d_out / spec.dim if spec.kind == "subsample" else 1.0
+
+
+def _merge(
+    records: Sequence[StepGrads], coef: Sequence[StepCoef], rho: Mapping[str, torch.Tensor], curvature, blocks: str
+):
+    """Everything in the layout of ``blocks`` (``model``: each layer's [D] laid end to end in sorted order)."""
+    check_blocks(blocks)
+    if blocks != "model":
+        return list(records), list(coef), dict(rho), curvature
+    order = sorted(rho)
+
+    def cat(vecs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([vecs[n] for n in order])
+
+    merged = [{MODEL: {k: cat({n: c[n][k] for n in order}) for k in c[order[0]]}} for c in coef]
+    return [merge_step(r) for r in records], merged, {MODEL: cat(rho)}, merge_curvature(curvature)
+
+
+def state_direct_scores(
+    records: Sequence[StepGrads],
+    coef: Sequence[StepCoef],
+    clip: Sequence[float],
+    rho: Mapping[str, torch.Tensor],
+    validation: Vectors,
+    curvature: CurvatureFn | None = None,
+    blocks: str = "layer",
+    dtype: torch.dtype = torch.float64,
+) -> list[torch.Tensor]:
+    """Per-step scores [B_t, V] at the checkpoint right after ``records`` (consecutive steps).
+
+    coef / clip: per record, its step's coefficients and clip factor; rho: layer -> [D] sampling ratios;
+    validation: layer -> [V, D] projected validation gradients at that checkpoint."""
+    records, coef, rho, curvature = _merge(records, coef, rho, curvature, blocks)
+    validation = merge_layers(validation) if blocks == "model" else validation
+    names = list(rho)
+    u = {n: validation[n].to(dtype).T.contiguous() for n in names}  # [D, V]
+    has_v = "k2" in coef[0][names[0]]
+    um = {(k, n): torch.zeros_like(u[n]) for k in ("m", "v") for n in names}
+    out: list[torch.Tensor] = []
+    for rec, c, cl in zip(reversed(records), reversed(coef), reversed(clip)):
+        ubar = {}
+        for n in names:
+            k = {key: x.to(dtype)[:, None] for key, x in c[n].items()}
+            ubar[n] = -k["a"] * u[n] + k["k1"] * um["m", n]
+            if has_v:
+                ubar[n] += k["k2"] * um["v", n]
+                um["v", n] = k["b2"] * (um["v", n] + k["S"] * u[n])
+            um["m", n] = k["b1"] * (um["m", n] - k["P"] * u[n])
+        r = {n: rho[n].to(dtype)[:, None] for n in names}
+        out.append(-cl * sum(rec.grads[n].to(dtype) @ (r[n] * ubar[n]) for n in names))  # [B, V]
+        curv = curvature(rec) if curvature else empirical_fisher(rec)
+        w = curv.coef.to(dtype)[:, None]
+        for n in names:
+            f = curv.vectors[n].to(dtype)
+            k = c[n]
+            u[n] = k["decay"].to(dtype)[:, None] * u[n] + cl * (f.T @ ((f @ (r[n] * ubar[n])) * w))
+            u[n] += k["lam"].to(dtype)[:, None] * ubar[n]
+    out.reverse()
+    return out
+
+
+class StatePropagator:
+    """Q [nD, nD] per block (n = 2: theta, m; n = 3: theta, m, v), acting on column states."""
+
+    def __init__(self, dims: Mapping[str, int], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """dims: block -> nD (the state's length). Starts as the identity."""
+        self.dims = dict(dims)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.Q = {n: torch.eye(d, dtype=dtype, device=self.device) for n, d in self.dims.items()}
+
+    def seed(self, validation: Vectors) -> Vectors:
+        """Validation rows [V, D] as states [V, nD]: the moments' parts zero (a score reads theta only)."""
+        out = {}
+        for n, x in validation.items():
+            if self.dims[n] % x.shape[1] or self.dims[n] // x.shape[1] not in (2, 3):
+                raise ValueError(f"block {n!r}: validation vectors of width {x.shape[1]}, the state has {self.dims[n]}")
+            x = x.to(self.device, self.dtype)
+            out[n] = torch.cat([x, x.new_zeros(x.shape[0], self.dims[n] - x.shape[1])], dim=1)
+        return out
+
+    def apply(self, vecs: Vectors, transpose: bool = False) -> Vectors:
+        """Rows x -> Q x (or Q^T x). ``vecs`` may hold a subset of the blocks."""
+        return {
+            n: x.to(self.device, self.dtype) @ (self.Q[n] if transpose else self.Q[n].T)
+            for n, x in vecs.items()
+            if n in self.Q
+        }
+
+    def step(
+        self, rec: StepGrads, coef: StepCoef, clip: float, rho: Mapping[str, torch.Tensor], curvature: Curvature | None
+    ) -> Vectors:
+        """Embed step ``rec`` (block -> [B, nD]), then fold its Phi_t into Q. coef: the step's coefficients."""
+        curv = curvature or empirical_fisher(rec)
+        beta = curv.coef.to(self.device, self.dtype)
+        out = {}
+        for n, q in self.Q.items():
+            k = {key: x.to(self.device, self.dtype) for key, x in coef[n].items()}
+            d = len(k["a"])
+            r = rho[n].to(self.device, self.dtype)
+            qt, qm = q[:, :d], q[:, d : 2 * d]
+            w = qm * k["k1"] - qt * k["a"]
+            parts = [None, k["b1"] * (qm - qt * k["P"])]
+            if q.shape[0] == 3 * d:
+                qv = q[:, 2 * d :]
+                w = w + qv * k["k2"]
+                parts.append(k["b2"] * (qv + qt * k["S"]))
+            out[n] = (-clip) * (rec.grads[n].to(self.device, self.dtype) * r) @ w.T
+            f = curv.vectors[n].to(self.device, self.dtype)
+            wh = (((w * r) @ f.T) * beta) @ f  # W H, H = diag(rho) F^T diag(beta) F
+            parts[0] = qt * k["decay"] + clip * wh + w * k["lam"]
+            self.Q[n] = torch.cat(parts, dim=1)
+        return out
+
+    def compose(self, other: StatePropagator) -> None:
+        """self <- self @ other."""
+        self.Q = {n: q @ other.Q[n] for n, q in self.Q.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors for safetensors: per block its [nD, nD] Q (``Q.<block>``)."""
+        return {f"Q.{n}": q.contiguous() for n, q in self.Q.items()}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], device: str | torch.device = "cpu") -> StatePropagator:
+        qs = {k[2:]: v for k, v in state.items() if k.startswith("Q.")}
+        prop = cls({n: q.shape[0] for n, q in qs.items()}, next(iter(qs.values())).dtype, device)
+        prop.Q = {n: q.to(prop.device) for n, q in qs.items()}
+        return prop
+
+
+def state_embed_steps(
+    records: Sequence[StepGrads],
+    coef: Sequence[StepCoef],
+    clip: Sequence[float],
+    rho: Mapping[str, torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    curvature: CurvatureFn | None = None,
+    blocks: str = "layer",
+) -> tuple[list[StepGrads], StatePropagator]:
+    """Local embeddings of consecutive ``records`` (block -> [B, nD]: the state at the end of ``records`` that
+    removing the occurrence would change) and the propagator of the whole run of steps."""
+    records, coef, rho, curvature = _merge(records, coef, rho, curvature, blocks)
+    n_state = 3 if "k2" in coef[0][next(iter(rho))] else 2
+    prop = StatePropagator({n: n_state * len(x) for n, x in rho.items()}, dtype, device)
+    out = []
+    for rec, c, cl in zip(reversed(records), reversed(coef), reversed(clip)):
+        emb = prop.step(rec, c, float(cl), rho, curvature(rec) if curvature else None)
+        out.append(StepGrads(rec.step, rec.sample_ids, rec.weights, emb))
+    out.reverse()
+    return out, prop
