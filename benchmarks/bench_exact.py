@@ -20,7 +20,9 @@ LAST epoch. Estimators, all scored at the final checkpoint:
 * ``adam-empirical`` / ``adam-fisher-model`` — the Adam-aware direct mode (linearised AdamW state,
   dvemb.embed.adam), where the optimizer is AdamW and the store keeps the gradient's own coordinates
   (unprojected, or ``32x32-sub``: a coordinate subset, D exact on it); a Gaussian ``32x32`` store cannot carry
-  Adam's elementwise state (the SGD proxy only; the options for it: benchmarks/bench_adam_projection.py).
+  Adam's elementwise state (the SGD proxy only; the options for it: benchmarks/bench_adam_projection.py);
+* ``momentum-empirical`` / ``momentum-fisher-model`` — the momentum-aware direct mode (SGD momentum linearised
+  on (theta, b), dvemb.embed.momentum) on any store.
 
 Reported per phase: Spearman and Pearson vs TSLOO and the least-squares scale (the factor s minimising
 ||tsloo - s * estimate||; 1 = calibrated). Cost: wall time of the exact sweep over the time of replaying
@@ -28,6 +30,7 @@ the same trajectory forward once (the training arithmetic, no capture) and over 
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_exact            # about 10 minutes on 2 cores
     OMP_NUM_THREADS=1 python -m benchmarks.bench_exact --quick    # smoke run
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_exact --regimes momentum --no-cost --update   # one regime anew
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import torch
 from dvemb.config import load_config
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
-from dvemb.embed.recorded_state import adam_aware
+from dvemb.embed.recorded_state import state_kind
 from dvemb.eval.groundtruth import choose_points, tsloo_points
 from dvemb.eval.metrics import pearson, spearman
 from dvemb.replay.exact import exact_scores, removal_is_step
@@ -134,12 +137,14 @@ def run_regime(name: str, projection: str, points: int, workdir: Path, quick: bo
         estimates["exact-first-order"] = exact_scores(traj, removal="linear")[traj.boundaries[-1]]
     estimates["sgd-proxy-empirical"] = sgd_proxy(run, cfg, "empirical", "layer")
     estimates["sgd-proxy-fisher-model"] = sgd_proxy(run, cfg, "fisher", "model")
-    if adam_aware(run):
+    kind = state_kind(run)
+    if kind:  # the optimizer's state linearised: AdamW (theta, m, v), momentum (theta, b)
         v = val_vectors(run, cfg, traj.boundaries[-1])
+        prefix = "adam" if kind == "adamw" else "momentum"
         for curvature, blocks in (("empirical", "layer"), ("fisher", "model")):
             embed = cfg.embed.model_copy(update={"curvature": curvature, "blocks": blocks})
             scores = state_occurrence_scores(run, cfg.model_copy(update={"embed": embed}), traj.boundaries[-1], v)
-            estimates[f"adam-{curvature}{'-model' if blocks == 'model' else ''}"] = [x[:, 0] for x in scores]
+            estimates[f"{prefix}-{curvature}{'-model' if blocks == 'model' else ''}"] = [x[:, 0] for x in scores]
     truth = truth or ground_truth(traj, points)
     phases = {
         phase: {
@@ -260,10 +265,13 @@ def readme_table(results: list[dict], peer: dict | None) -> str:
         return " / ".join(f"{phases[ph]['estimators'][est]['spearman']:.3f}" for ph in ("first", "last"))
 
     def best(phases: dict) -> str:
-        adam = [k for k in phases["last"]["estimators"] if k.startswith("adam-")]
-        pool = adam or [k for k in phases["last"]["estimators"] if k.startswith("sgd-proxy")]
-        k = max(pool, key=lambda e: phases["last"]["estimators"][e]["spearman"])
-        return f"{'Adam-aware ' if adam else ''}{sp(phases, k)}"
+        names = phases["last"]["estimators"]
+        for prefix, label in (("adam-", "Adam-aware "), ("momentum-", "momentum-aware "), ("sgd-proxy", "")):
+            pool = [k for k in names if k.startswith(prefix)]
+            if pool:
+                k = max(pool, key=lambda e: names[e]["spearman"])
+                return f"{label}{sp(phases, k)}"
+        raise ValueError("no embedding-mode estimator")
 
     lines = [
         "| run | exact | embedding / direct (best curvature, unprojected) | embedding / direct at 32×32 "
@@ -297,6 +305,11 @@ def main() -> None:
     ap.add_argument("--projections", nargs="*", default=list(PROJECTIONS))
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
     ap.add_argument("--no-cost", dest="cost", action="store_false", help="skip the cost rows on the MNIST demo model")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="rerun only --regimes (and the cost rows unless --no-cost); keep the other rows of the JSON",
+    )
     args = ap.parse_args()
     torch.set_default_dtype(torch.float64)
     points = 8 if args.quick else args.points
@@ -320,6 +333,13 @@ def main() -> None:
         "cost": costs,
     }
     out = args.out or RESULTS / f"bench_exact{'_quick' if args.quick else ''}_cpu.json"
+    if args.update and out.exists():
+        kept = json.loads(out.read_text())
+        rerun = {(r["regime"], r["projection"]) for r in results}
+        results = [r for r in kept["results"] if (r["regime"], r["projection"]) not in rerun] + results
+        results.sort(key=lambda r: (list(REGIMES).index(r["regime"]), list(PROJECTIONS).index(r["projection"])))
+        costs = costs or kept["cost"]
+        payload |= {"results": results, "cost": costs, "updated": sorted(f"{a}/{b}" for a, b in rerun)}
     write_json_atomic(out, payload)
     if not args.quick:
         replace_doc_block(ROOT / "docs" / "RESULTS.md", "bench_exact", table(results, costs), missing=DOC_HEADING)

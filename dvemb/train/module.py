@@ -100,11 +100,8 @@ class Trainee(L.LightningModule):
         c = self.cfg
         groups = param_groups(self.model, c, self.task.no_decay(self.model))
         if c.optimizer == "adamw":
-            log.warning("AdamW: data value embeddings treat the run as SGD with the recorded LR (the paper's proxy)")
             opt = torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
         else:
-            if c.momentum:
-                log.warning("SGD momentum %.2f: embeddings assume plain SGD (momentum is ignored)", c.momentum)
             opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, c.warmup_steps, c.schedule))
