@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -113,6 +114,19 @@ class _OneLineErrors(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record comes, not as it was at set-up: an in-process caller
+    (a test's CliRunner, a notebook) swaps stderr per invocation and closes the old one."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 @app.callback()
 def _setup(
     verbose: Annotated[
@@ -123,7 +137,8 @@ def _setup(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
-        force=True,  # this invocation's stderr (a second in-process invocation gets a fresh one)
+        handlers=[_StderrHandler()],
+        force=True,  # replaces an earlier invocation's handler (in-process callers invoke the CLI repeatedly)
     )
     _debug["on"] = debug or os.environ.get("DVEMB_DEBUG", "") not in ("", "0")
     for handler in logging.getLogger().handlers:

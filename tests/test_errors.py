@@ -336,3 +336,18 @@ def test_a_run_stopped_before_training_does_not_block_a_rerun(tmp_path, tables):
     res = cli(*run_args(out))
     assert res.exit_code == 0, res.output
     assert json.loads((out / "run.json").read_text())["status"] == "trained"
+
+
+def test_logging_after_an_in_process_invocation_reaches_the_current_stderr(capsys):
+    """The CLI's log handler follows sys.stderr: CliRunner closes the stream it lent, and a record logged after
+    the invocation (a notebook or test calling dvemb's functions next) goes to today's stderr, not the closed one."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from dvemb.cli import app
+
+    assert CliRunner().invoke(app, ["status", "/nonexistent-run"]).exit_code == 2
+    logging.getLogger("dvemb.test").warning("after the invocation")
+    err = capsys.readouterr().err
+    assert "after the invocation" in err and "Logging error" not in err
