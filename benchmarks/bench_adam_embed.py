@@ -4,7 +4,7 @@ For an AdamW run whose store keeps the gradients' own coordinates, a validation 
 with the same numbers (fp64: to 1e-9, asserted here):
 
 * **direct** (``score.mode: direct``): one pass of the Adam-aware recursion over the gradient store
-  (dvemb.score.adam.adam_occurrence_scores: the stored gradients, the curvature vectors, the boundary optimizer
+  (dvemb.score.state.state_occurrence_scores: the stored gradients, the curvature vectors, the boundary optimizer
   states rebuilt into (m, v) per step);
 * **embedding** (``score.mode: embedding``): the embed stage (dvemb.embed.run.embed_segment, ``embed.write:
   always``) writes once per segment the local (theta, m, v) embeddings, 3D floats per occurrence, and a [3D, 3D]
@@ -35,11 +35,11 @@ from typing import TypeVar
 import torch
 
 from dvemb.capture.fisher import curvature_path
-from dvemb.embed.recorded_adam import adam_aware
+from dvemb.embed.recorded_state import adam_aware
 from dvemb.embed.run import embed_segment, load_embeddings
-from dvemb.score.adam import adam_occurrence_scores
 from dvemb.score.run import val_vectors
 from dvemb.score.scores import segment_scores
+from dvemb.score.state import state_occurrence_scores
 from dvemb.store.rundir import RunDir
 
 try:  # run as a module (python -m benchmarks.bench_adam_embed) or loaded from a path
@@ -89,7 +89,7 @@ def measure(regime: str, store: str, segments: int, workdir: Path, quick: bool, 
     b = run.boundaries
     k, T = len(b) - 1, b[-1]
     val, t_val = best_of(lambda: val_vectors(run, cfg, T), 1)
-    direct, t_direct = best_of(lambda: adam_occurrence_scores(run, cfg, T, val), repeats)
+    direct, t_direct = best_of(lambda: state_occurrence_scores(run, cfg, T, val), repeats)
 
     embed = cfg.embed.model_copy(update={"write": "always", "dtype": "float64"})
     t_segments = []
