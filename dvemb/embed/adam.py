@@ -91,12 +91,7 @@ class StoredCoordinates:
             module = self.modules[n]
             local = {p.rsplit(".", 1)[-1]: per_param(p).to(torch.float64) for p in s.params}
             x = kind_of(module).grad_matrix(module, local)  # [d_out, d_in]
-            pr = self.proj[n]
-            if pr.p_s is not None:
-                x = pr.p_s @ x
-            if pr.p_a is not None:
-                x = x @ pr.p_a.T
-            out[n] = x.reshape(-1).to(self.dtype)
+            out[n] = self.proj[n].project_matrices(x).to(self.dtype)
         return out
 
 
