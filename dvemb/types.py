@@ -23,7 +23,8 @@ from dvemb.errors import ReplayError
 class ProjectionConfig:
     """Projection sizes per layer side; ``k >= d`` (or None) means exact (identity).
 
-    kind: ``kronecker`` (k_s x k_a matrix) or ``elementwise`` (a k_a * k_s tensor sketch; both k needed).
+    kind: ``kronecker`` (k_s x k_a matrix), ``elementwise`` (a k_a * k_s tensor sketch; both k needed),
+    ``subsample`` or ``rowwise`` (coordinates of G; see :class:`LayerProjection`).
     """
 
     k_a: int | None = 32
@@ -113,7 +114,7 @@ class Schedule:
 
 
 # --- projections ---------------------------------------------------------------------------
-KINDS = ("kronecker", "elementwise", "subsample")
+KINDS = ("kronecker", "elementwise", "subsample", "rowwise")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,13 @@ class LayerProjection:
 
     d_in counts the bias column when ``bias``; ``layer`` is the layer kind (dvemb.capture.layers);
     ``params`` names the model parameters whose gradient this is (as in ``model.named_parameters()``).
+
+    kind: ``kronecker`` (P_s G P_a^T, Gaussian), ``elementwise`` (a k_a * k_s tensor sketch),
+    ``subsample`` (G at k_s rows x k_a columns, one column set shared by every row: :func:`selection`)
+    or ``rowwise`` (G at k_s rows, each kept row with its own k_a columns: rows = :func:`selection`
+    with ``seed + 1`` as for subsample, columns = :func:`row_columns` with ``seed``; flattened
+    row-major, coordinate (i, j) = G[row_i, cols[i, j]]). For subsample and rowwise a side with
+    k >= d keeps all of it (rowwise with k_a >= d_in is subsample with an exact a side).
     """
 
     d_in: int
@@ -198,9 +206,25 @@ def selection(rows: int, cols: int, seed: int) -> torch.Tensor:
     return p
 
 
+def row_columns(rows: int, k: int, cols: int, seed: int) -> torch.Tensor:
+    """[rows, min(k, cols)] int64: for each kept row i (in order) its own ``k`` distinct columns of G
+    (ascending), one ``randperm(cols)`` per row from one generator seeded with ``seed``; k >= cols: all.
+
+    The ``rowwise`` kind: the stored coordinate (i, j) is G[row_i, table[i, j]], flattened row-major.
+    """
+    if k >= cols:
+        return torch.arange(cols).expand(rows, cols).clone()
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.empty(rows, k, dtype=torch.int64)
+    for i in range(rows):
+        table[i] = torch.randperm(cols, generator=gen)[:k].sort().values
+    return table
+
+
 def draw(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
-    """The projection matrix of a kind: Gaussian (kronecker, elementwise) or a coordinate selection."""
-    return selection(rows, cols, seed) if kind == "subsample" else gaussian(rows, cols, seed)
+    """The projection matrix of a kind: Gaussian (kronecker, elementwise) or a coordinate selection
+    (subsample; rowwise's row side — its columns are :func:`row_columns`, not a matrix)."""
+    return selection(rows, cols, seed) if kind in ("subsample", "rowwise") else gaussian(rows, cols, seed)
 
 
 def gaussian(rows: int, cols: int, seed: int) -> torch.Tensor:

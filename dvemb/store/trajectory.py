@@ -11,7 +11,7 @@ import torch
 from dvemb.errors import StoreError
 from dvemb.store.gradstore import read_projection
 from dvemb.store.rundir import RunDir
-from dvemb.types import LayerProjection, Schedule, selection
+from dvemb.types import LayerProjection, Schedule, row_columns, selection
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def stored_groups(layer: str, spec: LayerProjection, group_of: Mapping[str, int]
 
     A layer's stored matrix is G [d_out, d_in] (the bias, the parameter named ``*.bias``, is its last column
     when there is one; dvemb.capture.layers) projected as ``P_s G P_a^T``: columns keep their parameter when the a
-    side is exact or a coordinate subsample. Under a Gaussian a side (or the elementwise sketch) weight and
+    side is exact or a coordinate subsample; ``rowwise`` coordinates (i, j) = G[row_i, cols[i, j]] each take the
+    group of their own column (flattened row-major). Under a Gaussian a side (or the elementwise sketch) weight and
     bias columns mix: the whole layer then follows its weight's group, an approximation for the bias
     coordinates when the bias is in another group (nanoGPT's no-decay biases).
     """
@@ -81,7 +82,7 @@ def stored_groups(layer: str, spec: LayerProjection, group_of: Mapping[str, int]
     if b == w:
         return w
     rows, cols = spec.shape
-    if spec.kind == "elementwise" or not (spec.identity_a or spec.kind == "subsample"):
+    if spec.kind == "elementwise" or not (spec.identity_a or spec.kind in ("subsample", "rowwise")):
         log.info(
             "layer %r: a Gaussian projection mixes weight and bias; its bias (group %d) follows the weight's group %d",
             layer,
@@ -90,8 +91,9 @@ def stored_groups(layer: str, spec: LayerProjection, group_of: Mapping[str, int]
         )
         return w
     if spec.identity_a:
-        is_bias = torch.arange(cols) == spec.d_in - 1
+        col = torch.arange(cols).repeat(rows)
+    elif spec.kind == "rowwise":  # each stored row has its own columns
+        col = row_columns(rows, spec.k_a, spec.d_in, spec.seed).reshape(-1)
     else:  # the stored columns are a subsample of G's columns
-        is_bias = selection(spec.k_a, spec.d_in, spec.seed).argmax(1) == spec.d_in - 1
-    col = torch.where(is_bias, b, w).to(torch.int64)
-    return col.repeat(rows)
+        col = selection(spec.k_a, spec.d_in, spec.seed).argmax(1).repeat(rows)
+    return torch.where(col == spec.d_in - 1, b, w).to(torch.int64)
