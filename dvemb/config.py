@@ -116,11 +116,11 @@ class TrainConfig(Section):
 class CaptureConfig(Section):
     k_a: int | None = Field(32, ge=1, description="input-side projection size; null = exact")
     k_s: int | None = Field(32, ge=1, description="output-gradient-side projection size; null = exact")
-    kind: Literal["kronecker", "elementwise", "subsample"] = Field(
+    kind: Literal["kronecker", "elementwise", "subsample", "rowwise"] = Field(
         "kronecker",
         description="kronecker: k_s x k_a Gaussian projection; elementwise: a k_a * k_s tensor sketch; subsample: "
-        "k_s x k_a of the gradient's own coordinates (keeps AdamW's elementwise state exact; the default of "
-        "AdamW runs)",
+        "k_s rows x k_a columns of the gradient's own coordinates; rowwise: k_s rows, each with its own k_a "
+        "columns (both keep AdamW's elementwise state exact; rowwise is the default of AdamW runs)",
     )
     seed: int = 0
     dtype: Literal["float32", "float64", "float16", "bfloat16"] = Field(

@@ -155,6 +155,12 @@ class LayerProjection:
         return self.kind != "elementwise" and self.k_s >= self.d_out
 
     @property
+    def own_coordinates(self) -> bool:
+        """Every stored value is one coordinate of G (unprojected, subsample or rowwise): elementwise optimizer
+        state (AdamW's moments) keeps its meaning in the stored space."""
+        return self.kind in ("subsample", "rowwise") or (self.identity_a and self.identity_s)
+
+    @property
     def shape(self) -> tuple[int, int]:
         """(rows, cols) of the stored per-sample gradient matrix (elementwise: one row of k_a * k_s)."""
         if self.kind == "elementwise":

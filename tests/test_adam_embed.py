@@ -125,3 +125,23 @@ def test_adam_propagator_round_trips_and_composes():
         assert not torch.allclose(q, torch.eye(q.shape[0], dtype=F64))
     back = StatePropagator.from_state_dict(whole.state_dict())
     assert all(torch.equal(back.Q[n], q) for n, q in whole.Q.items())
+
+
+@pytest.mark.parametrize("kind", ["subsample", "rowwise"])
+def test_stored_coordinates_map_parameters_where_capture_stores_their_gradients(kind):
+    """The moments' map (StoredCoordinates.to_stored of parameter-shaped tensors) puts every parameter
+    coordinate where capture stores that coordinate's gradient: the batch gradient mapped equals the sum of
+    the captured per-sample rows (1e-12), for both coordinate-keeping stores."""
+    torch.manual_seed(2)
+    model = Net().double()
+    cap = GradientCapture(model, ProjectionConfig(k_a=3, k_s=2, kind=kind, dtype="float64"))
+    x, y = torch.randn(7, 6, dtype=F64), torch.randn(7, 3, dtype=F64)
+    with cap.micro_batch(torch.arange(7), weight=1 / 7):
+        ((model.l2(torch.tanh(model.l1(x))) - y) ** 2).sum(1).mean().backward()
+    rec = cap.collect(step=0)
+    coords = StoredCoordinates(model, cap.specs, F64)
+    assert coords.exact()
+    grads = dict(model.named_parameters())
+    mapped = coords.to_stored(lambda p: grads[p].grad)
+    for n, g in rec.grads.items():
+        torch.testing.assert_close(g.sum(0), mapped[n], rtol=0, atol=1e-12)

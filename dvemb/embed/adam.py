@@ -81,8 +81,8 @@ class StoredCoordinates:
         return {n: torch.full((s.dim,), self.ratio(n), dtype=torch.float64) for n, s in self.specs.items()}
 
     def exact(self) -> bool:
-        """True when every stored coordinate is a coordinate of the parameters (identity or subsample)."""
-        return all(s.kind == "subsample" or (s.identity_a and s.identity_s) for s in self.specs.values())
+        """True when every stored coordinate is a coordinate of the parameters (identity, subsample, rowwise)."""
+        return all(s.own_coordinates for s in self.specs.values())
 
     def to_stored(self, per_param: Callable[[str], torch.Tensor]) -> Vectors:
         """layer -> [dim]: ``per_param(parameter name)`` (parameter-shaped) in stored coordinates."""

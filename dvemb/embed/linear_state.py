@@ -45,7 +45,7 @@ CurvatureFn = Callable[[StepGrads], Curvature]
 def sampling_ratio(spec: LayerProjection) -> float:
     """Parameters per stored coordinate of a coordinate subsample (its inner products scale by it); 1 for the
     gradient's own coordinates and for a Gaussian projection (which preserves inner products in expectation)."""
-    return spec.d_in * spec.d_out / spec.dim if spec.kind == "subsample" else 1.0
+    return spec.d_in * spec.d_out / spec.dim if spec.kind in ("subsample", "rowwise") else 1.0
 
 
 def _merge(

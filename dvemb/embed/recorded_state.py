@@ -27,18 +27,18 @@ def optimizer_spec(run: RunDir) -> OptimizerSpec | None:
 
 
 def adam_aware(run: RunDir) -> bool:
-    """An AdamW run whose store keeps the gradients' own coordinates (unprojected or ``subsample``): the
+    """An AdamW run whose store keeps the gradients' own coordinates (unprojected, ``rowwise``, ``subsample``): the
     Adam-aware recursion applies. An AdamW run under a Gaussian projection falls back to the SGD proxy
     (its elementwise state has no image there; measured in docs/RESULTS.md), with a warning."""
     spec = optimizer_spec(run)
     if spec is None or spec.kind != "adamw":
         return False
     specs = read_projection(run.projection)
-    if all(s.kind == "subsample" or (s.identity_a and s.identity_s) for s in specs.values()):
+    if all(s.own_coordinates for s in specs.values()):
         return True
     log.warning(
         "%s: an AdamW run captured with a Gaussian projection is embedded and scored with the SGD proxy; capture "
-        "with capture.kind=subsample (the AdamW default) or use score.mode=exact",
+        "with capture.kind=rowwise (the AdamW default) or use score.mode=exact",
         run.root,
     )
     return False
