@@ -223,10 +223,11 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _adamw_capture(self) -> RunConfig:
-        """AdamW runs capture a coordinate subset by default: the Adam-aware embedding modes need AdamW's
-        elementwise state in the stored coordinates (docs/RESULTS.md, bench_exact)."""
+        """AdamW runs capture a per-row coordinate subset by default: the Adam-aware embedding modes need AdamW's
+        elementwise state in the stored coordinates, and per-row column sets rank best of the stores measured
+        (docs/RESULTS.md, bench_adam_projection)."""
         if self.train.optimizer == "adamw" and "kind" not in self.capture.model_fields_set:
-            self.capture.kind = "subsample"
+            self.capture.kind = "rowwise"
         return self
 
 
