@@ -79,8 +79,8 @@ def test_adamw_config_exact_mode_ranks_against_groundtruth(tmp_path):
 
 
 def test_embeddings_of_an_adamw_run_are_adam_aware_and_a_gaussian_store_says_sgd_proxy(tmp_path):
-    """Asked for embeddings (embed.write: always), an AdamW run with the subsample store gets (theta, m, v) ones:
-    3D per occurrence and a [3D, 3D] propagator per layer; under a Gaussian projection the SGD recursion's,
+    """Asked for embeddings (embed.write: always), an AdamW run with the default (rowwise) store gets (theta, m, v)
+    ones: 3D per occurrence and a [3D, 3D] propagator per layer; under a Gaussian projection the SGD recursion's,
     with a warning."""
     import logging
 
@@ -94,7 +94,7 @@ def test_embeddings_of_an_adamw_run_are_adam_aware_and_a_gaussian_store_says_sgd
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: seen.append(record.getMessage())
     logger = logging.getLogger("dvemb.embed.recorded_state")  # the CLI's set-up may stop dvemb.* propagating
-    for kind in ("subsample", "kronecker"):
+    for kind in ("rowwise", "kronecker"):
         out = tmp_path / kind
         res = cli("run", "configs/digits_adamw.yaml", "--out", str(out), "--engine", "local", *sets,
                   "--set", f"capture.kind={kind}")  # fmt: skip
@@ -109,7 +109,7 @@ def test_embeddings_of_an_adamw_run_are_adam_aware_and_a_gaussian_store_says_sgd
         stored = {n: s.shape[1] for n, s in read_segment(run.grads(0), kind="grads")[0].grads.items()}
         emb = read_segment(run.embeddings(0), kind="embeddings")[0].grads
         prop = load_tensors(run.propagator(0))
-        if kind == "subsample":
+        if kind == "rowwise":
             assert {n: e.shape[1] for n, e in emb.items()} == {n: 3 * d for n, d in stored.items()}
             assert {k: tuple(v.shape) for k, v in prop.items()} == {f"Q.{n}": (3 * d, 3 * d) for n, d in stored.items()}
             assert not seen, seen

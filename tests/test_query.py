@@ -19,7 +19,7 @@ from dvemb.store.rundir import RunDir
 
 FP64 = ["train.precision=64-true", "capture.dtype=float64", "embed.dtype=float64"]
 TINY = ["train.epochs=2", "data.subset=200", "embed.segments=2", "embed.write=always", *FP64]
-ADAMW = ["train.optimizer=adamw", "train.lr=0.01", "capture.kind=subsample"]
+ADAMW = ["train.optimizer=adamw", "train.lr=0.01", "capture.kind=rowwise"]
 MOMENTUM = ["train.momentum=0.9", "train.lr=0.05"]
 runner = CliRunner()
 
