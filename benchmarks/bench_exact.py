@@ -19,7 +19,8 @@ LAST epoch. Estimators, all scored at the final checkpoint:
   unprojected and at 32x32;
 * ``adam-empirical`` / ``adam-fisher-model`` — the Adam-aware direct mode (linearised AdamW state,
   dvemb.embed.adam), where the optimizer is AdamW and the store keeps the gradient's own coordinates
-  (unprojected, or ``32x32-sub``: a coordinate subset, D exact on it); a Gaussian ``32x32`` store cannot carry
+  (unprojected, ``32x32-sub``: one coordinate subset, or ``32x32-row``: each row its own columns, the AdamW
+  default; D exact on them); a Gaussian ``32x32`` store cannot carry
   Adam's elementwise state (the SGD proxy only; the options for it: benchmarks/bench_adam_projection.py);
 * ``momentum-empirical`` / ``momentum-fisher-model`` — the momentum-aware direct mode (SGD momentum linearised
   on (theta, b), dvemb.embed.momentum) on any store.
@@ -89,6 +90,7 @@ PROJECTIONS = {
     "full": ["capture.k_a=null", "capture.k_s=null", "capture.kind=kronecker"],
     "32x32": ["capture.k_a=32", "capture.k_s=32", "capture.kind=kronecker"],
     "32x32-sub": ["capture.k_a=32", "capture.k_s=32", "capture.kind=subsample"],
+    "32x32-row": ["capture.k_a=32", "capture.k_s=32", "capture.kind=rowwise"],
 }
 
 
@@ -275,12 +277,12 @@ def readme_table(results: list[dict], peer: dict | None) -> str:
 
     lines = [
         "| run | exact | embedding / direct (best curvature, unprojected) | embedding / direct at 32×32 "
-        "(AdamW: subsample store) |",
+        "(AdamW: per-row subsample store) |",
         "|---|---|---|---|",
     ]
     for regime, label in README_RUNS.items():
         full = cells.get((regime, "full"))
-        proj = cells.get((regime, "32x32-sub" if regime.startswith("adamw") else "32x32"))
+        proj = cells.get((regime, "32x32-row" if regime.startswith("adamw") else "32x32"))
         if full is None or proj is None:
             continue
         first_order = ""
