@@ -10,7 +10,7 @@ one of two param groups, clipping, a skipped (AMP) step, and the buffer's first 
 
 import pytest
 import torch
-from torch import nn
+from test_adam_direct import D_IN, D_OUT, flat, to_params
 
 from dvemb.embed.linear_state import state_direct_scores, state_embed_steps
 from dvemb.embed.momentum import MomentumRun, momentum_coefficients
@@ -18,24 +18,9 @@ from dvemb.replay.optim import OptimizerSpec, StepHyper, optimizer_step
 from dvemb.score.scores import segment_scores
 from dvemb.types import StepGrads
 
-D_OUT, D_IN, T, B, CUT, SKIP = 3, 4, 8, 5, 5, 3
+T, B, CUT, SKIP = 8, 5, 5, 3
 F64 = torch.float64
 N = D_OUT * (D_IN + 1)
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(D_IN, D_OUT)
-
-
-def to_params(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    g = x.view(D_OUT, D_IN + 1)
-    return {"lin.weight": g[:, :D_IN], "lin.bias": g[:, D_IN]}
-
-
-def flat(p: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p["lin.weight"], p["lin.bias"][:, None]], dim=1).reshape(-1)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])

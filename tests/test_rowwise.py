@@ -6,6 +6,7 @@ module type *in this file*, and gathered at (row_i, cols[i, j]) by plain advance
 
 import pytest
 import torch
+from test_layers import TinyLM, repeated_ids
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
@@ -125,29 +126,6 @@ def test_layernorm(k):
             p.add_(0.3 * torch.randn_like(p))
     model = nn.Sequential(nn.Linear(3, 4), norm, nn.Linear(4, 2))
     capture_and_check(model, torch.randn(4, 3, 3), ["layernorm"], k, expect=["1"])
-
-
-class TinyLM(nn.Module):
-    """ids [B, S] -> logits [B, S, V] (the head tied to the embedding when ``tied``)."""
-
-    def __init__(self, vocab=11, d=4, tied=False, padding_idx=None):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d, padding_idx=padding_idx)
-        self.mid = nn.Linear(d, d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        if tied:
-            self.head.weight = self.emb.weight
-
-    def forward(self, ids):
-        return self.head(torch.tanh(self.mid(self.emb(ids))))
-
-
-def repeated_ids():
-    ids = torch.randint(0, 11, (4, 6))
-    ids[0, :3] = 7  # one id three times in a sample
-    ids[1] = 2  # a sample of one id
-    ids[2, 1] = 0  # the padding id (when there is one)
-    return ids
 
 
 @pytest.mark.parametrize("k", [(5, 2), (5, None)], ids=["ka5-ks2", "ka5-allrows"])
