@@ -16,7 +16,7 @@ from dvemb.embed.adam import AdamRun, StoredCoordinates, adam_coefficients, adam
 from dvemb.embed.linear_state import StatePropagator, state_embed_steps
 from dvemb.embed.propagator import Curvature
 from dvemb.embed.segments import compose
-from dvemb.score.scores import dot_scores, segment_scores
+from dvemb.score.scores import dot_scores, seeded, segment_scores
 from dvemb.types import ProjectionConfig, StepGrads
 
 T, CUT, B, V = 9, 4, 5, 2
@@ -94,7 +94,7 @@ def test_adam_embeddings_give_the_direct_recursions_scores(blocks, curvature):
     for upto, steps in ((2, records), (1, records[:CUT])):
         want = adam_direct_scores(steps, run, coords, params, val, curv, blocks)
         got = segment_scores(local, props, val, upto=upto)
-        composed = dot_scores(compose(local, props, upto=upto), props[0].seed(_merged(val, blocks)))
+        composed = dot_scores(compose(local, props, upto=upto), seeded(_merged(val, blocks), local[0][0].grads))
         scale = max(float(w.abs().max()) for w in want)
         assert scale > 1e-6
         for w, g, c in zip(want, got, composed, strict=True):

@@ -116,16 +116,6 @@ class StatePropagator:
         self.dtype, self.device = dtype, torch.device(device)
         self.Q = {n: torch.eye(d, dtype=dtype, device=self.device) for n, d in self.dims.items()}
 
-    def seed(self, validation: Vectors) -> Vectors:
-        """Validation rows [V, D] as states [V, nD]: the moments' parts zero (a score reads theta only)."""
-        out = {}
-        for n, x in validation.items():
-            if self.dims[n] % x.shape[1] or self.dims[n] // x.shape[1] not in (2, 3):
-                raise ValueError(f"block {n!r}: validation vectors of width {x.shape[1]}, the state has {self.dims[n]}")
-            x = x.to(self.device, self.dtype)
-            out[n] = torch.cat([x, x.new_zeros(x.shape[0], self.dims[n] - x.shape[1])], dim=1)
-        return out
-
     def apply(self, vecs: Vectors, transpose: bool = False) -> Vectors:
         """Rows x -> Q x (or Q^T x). ``vecs`` may hold a subset of the blocks."""
         return {

@@ -44,16 +44,26 @@ def segment_scores(
     optimizer's state carry (theta, m[, v]): v is padded with zeros for the moments.
     """
     m = len(propagators) if upto is None else upto
-    p0 = propagators[0]
-    u = align(dict(validation), set(p0.dims))
-    if isinstance(p0, StatePropagator):
-        u = p0.seed(u)
-    parts = []
+    parts, u = [], None
     for j in range(m - 1, -1, -1):
-        parts.append(dot_scores(local[j], u))
+        seg = local[j]  # one read of each segment's embeddings and (j > 0) propagator
+        u = u if u is not None else seeded(validation, seg[0].grads)
+        parts.append(dot_scores(seg, u))
         if j > 0:
             u = propagators[j].apply(u, transpose=True)
     return [s for part in reversed(parts) for s in part]
+
+
+def seeded(validation: Vectors, embeddings: Vectors) -> Vectors:
+    """Validation rows [V, D] in the layout of ``embeddings`` (block -> [B, n D]): merged when they are, and
+    zero-padded to n D where the embeddings carry an optimizer's state (theta, m[, v]) — a score reads theta."""
+    out = {}
+    for n, x in align(dict(validation), set(embeddings)).items():
+        width = embeddings[n].shape[1]
+        if width % x.shape[1]:
+            raise ValueError(f"block {n!r}: validation vectors of width {x.shape[1]}, embeddings of width {width}")
+        out[n] = torch.cat([x, x.new_zeros(x.shape[0], width - x.shape[1])], dim=1) if width > x.shape[1] else x
+    return out
 
 
 def occurrence_table(
