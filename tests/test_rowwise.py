@@ -6,7 +6,7 @@ module type *in this file*, and gathered at (row_i, cols[i, j]) by plain advance
 
 import pytest
 import torch
-from test_layers import TinyLM, repeated_ids
+from test_layers import TinyLM, float64_default, per_sample_loss, repeated_ids  # noqa: F401 (autouse fixture)
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
@@ -22,17 +22,6 @@ from dvemb.types import LayerProjection, ProjectionConfig, row_columns, selectio
 ATOL = 1e-10
 K = [(3, 2), (3, None)]  # (k_a, k_s): both sides subsampled; every row kept (exact s side)
 K_IDS = ["ka3-ks2", "ka3-allrows"]
-
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
-def per_sample_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (0.5 * out**2 + out * target).flatten(1).sum(1)
 
 
 def layout(module: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
