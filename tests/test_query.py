@@ -166,3 +166,18 @@ def test_an_adamw_runs_embeddings_answer_queries_without_the_gradient_store(runs
     assert (after["score"] - direct["score"]).abs().max() <= 1e-9 * direct["score"].abs().max()
     res = cli("query", run, a, "--name", "gone", "--set", "score.mode=direct")
     assert res.exit_code == 2 and "dropped by `dvemb gc`" in one_line(res), res.output
+
+
+def test_state_aware_runs_scored_with_a_weak_curvature_model_are_told_the_measured_one(runs):
+    """AdamW / momentum runs in embedding or direct mode with the empirical Fisher or per-layer blocks get a warning
+    naming embed.curvature=fisher and embed.blocks=model (measured far more faithful: docs/RESULTS.md); plain SGD
+    and the recommended setting get none."""
+    from dvemb.embed.recorded_state import curvature_advice
+
+    for kind in ("adamw", "momentum"):
+        run = RunDir(runs[kind])
+        for curvature, blocks in (("empirical", "layer"), ("empirical", "model"), ("fisher", "layer")):
+            advice = curvature_advice(run, curvature, blocks)
+            assert advice and "embed.curvature=fisher" in advice and "embed.blocks=model" in advice, advice
+        assert curvature_advice(run, "fisher", "model") is None
+    assert curvature_advice(RunDir(runs["sgd"]), "empirical", "layer") is None

@@ -53,6 +53,21 @@ def state_kind(run: RunDir) -> str | None:
     return "momentum" if spec is not None and spec.kind == "sgd" and spec.momentum != 0 else None
 
 
+def curvature_advice(run: RunDir, curvature: str, blocks: str) -> str | None:
+    """A warning for a run whose optimizer has state scored with the empirical Fisher or per-layer blocks: on the
+    digits AdamW and momentum runs that ranks far below the GGN over the whole model (docs/RESULTS.md,
+    bench_exact: last epoch 0.61 / 0.63 against 0.96 / 0.98 for AdamW, 0.44 against 0.93 for momentum)."""
+    kind = state_kind(run)
+    if kind is None or (curvature != "empirical" and blocks == "model"):
+        return None
+    return (
+        f"{run.root}: a {kind} run scored with embed.curvature={curvature}, embed.blocks={blocks}; the "
+        f"{kind}-aware recursion was measured far more faithful with embed.curvature=fisher (GGN vectors, captured "
+        "in training; fisher_mc for large label sets) and embed.blocks=model (docs/RESULTS.md), or use "
+        "score.mode=exact"
+    )
+
+
 def adam_run(run: RunDir) -> AdamRun:
     """The recorded AdamW: hyper-parameters, per-step per-group LR / decay / clip, boundary states."""
     spec = optimizer_spec(run)

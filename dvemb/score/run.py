@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import logging
 from pathlib import Path
 
 import polars as pl
@@ -14,7 +15,7 @@ from dvemb.config import RunConfig
 from dvemb.data import TableDataModule
 from dvemb.embed.curvature import curvature_fn
 from dvemb.embed.direct import direct_scores
-from dvemb.embed.recorded_state import state_kind
+from dvemb.embed.recorded_state import curvature_advice, state_kind
 from dvemb.embed.run import DTYPES, load_embeddings
 from dvemb.embed.segments import CurvatureFn
 from dvemb.runtask import model_at, task_of
@@ -29,6 +30,8 @@ from dvemb.store.gradstore import SegmentedRecords, read_projection, read_segmen
 from dvemb.store.rundir import RunDir
 from dvemb.store.trajectory import read_schedule, read_steps
 from dvemb.types import ProjectionConfig, StepGrads
+
+log = logging.getLogger(__name__)
 
 
 def val_vectors(
@@ -97,6 +100,8 @@ def occurrence_scores(run: RunDir, cfg: RunConfig, val: Path | None = None) -> p
     k = len(b) - 1
     checkpoints = range(1, k + 1) if cfg.score.checkpoints else [k]
     dtype, device = DTYPES[cfg.embed.dtype], cfg.embed.device
+    if cfg.score.mode != "exact" and (advice := curvature_advice(run, cfg.embed.curvature, cfg.embed.blocks)):
+        log.warning(advice)
     tables = []
     if cfg.score.mode == "exact":
         tables.append(exact_occurrences(run, cfg, val))
