@@ -338,7 +338,7 @@ def spread_table(results: list[dict]) -> str:
         for name, ph in r["seed_spread"].items():
             cells = [f"{ph[p]['spearman']['median']:.3f} [{ph[p]['spearman']['min']:.3f}, "
                      f"{ph[p]['spearman']['max']:.3f}]" for p in ("first", "last")]  # fmt: skip
-            hit = ph["last"]["spearman"].get("at_least_085")
+            hit = ph["last"]["spearman"]["at_least_085"]
             n = ph["last"]["spearman"]["n"]
             lines.append(f"| {r['regime']} | {name} | {n} | {cells[0]} | {cells[1]} | {hit} / {n} |")
     return "\n".join(lines)

@@ -76,21 +76,27 @@ def func_grads(model: nn.Module, x: torch.Tensor, target: torch.Tensor, vmapped:
     return jacrev(lambda p: per_sample_loss(functional_call(model, p, (x,)), target))(params)
 
 
-def check(model, x, layers, k, vmapped=True, expect=None, atol_rel=0.0):
-    """Capture one mean-reduced micro-batch and compare every block with torch.func; returns the capture.
-
-    atol_rel: an absolute tolerance relative to the block's largest entry, for models that compute in float32.
-    """
+def captured_batch(model, x, layers, cfg: ProjectionConfig, expect=None):
+    """One mean-reduced micro-batch through the real hooks: (capture, its StepGrads record, the loss target)."""
     torch.manual_seed(1)
-    out = model(x)
-    target = torch.randn(out.shape)
-    cap = GradientCapture(model, ProjectionConfig(k_a=k[0], k_s=k[1], seed=5, dtype="float64", kind=k[2]), layers)
+    target = torch.randn(model(x).shape)
+    cap = GradientCapture(model, cfg, layers)
     if expect is not None:
         assert list(cap.tracked) == expect
     n = len(x)
     with cap.micro_batch(torch.arange(n), weight=1 / n):
         per_sample_loss(model(x), target).mean().backward()
-    rec = cap.collect(step=0)
+    return cap, cap.collect(step=0), target
+
+
+def check(model, x, layers, k, vmapped=True, expect=None, atol_rel=0.0):
+    """Capture one mean-reduced micro-batch and compare every block with torch.func; returns the capture.
+
+    atol_rel: an absolute tolerance relative to the block's largest entry, for models that compute in float32.
+    """
+    cfg = ProjectionConfig(k_a=k[0], k_s=k[1], seed=5, dtype="float64", kind=k[2])
+    cap, rec, target = captured_batch(model, x, layers, cfg, expect)
+    n = len(x)
     g = func_grads(model, x, target, vmapped)
     names = {id(p): n for n, p in model.named_parameters()}
     for block, members in cap.blocks.items():

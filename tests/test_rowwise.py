@@ -6,7 +6,7 @@ module type *in this file*, and gathered at (row_i, cols[i, j]) by plain advance
 
 import pytest
 import torch
-from test_layers import TinyLM, float64_default, per_sample_loss, repeated_ids  # noqa: F401 (autouse fixture)
+from test_layers import TinyLM, captured_batch, float64_default, per_sample_loss, repeated_ids  # noqa: F401 (autouse fixture)
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
@@ -46,16 +46,9 @@ def kept(proj: Projector) -> tuple[torch.Tensor, torch.Tensor]:
 
 def capture_and_check(model, x, layers, k, expect=None):
     """One mean-reduced micro-batch through the real hooks; every block == torch.func's G gathered."""
-    torch.manual_seed(1)
-    target = torch.randn(model(x).shape)
     cfg = ProjectionConfig(k_a=k[0], k_s=k[1], seed=5, dtype="float64", kind="rowwise")
-    cap = GradientCapture(model, cfg, layers)
-    if expect is not None:
-        assert list(cap.tracked) == expect
+    cap, rec, target = captured_batch(model, x, layers, cfg, expect)
     n = len(x)
-    with cap.micro_batch(torch.arange(n), weight=1 / n):
-        per_sample_loss(model(x), target).mean().backward()
-    rec = cap.collect(step=0)
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss_one(p, xi, ti):
