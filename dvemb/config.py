@@ -135,10 +135,12 @@ class EmbedConfig(Section):
     segments: int = Field(4, ge=1, description="influence checkpoints; segments run in parallel")
     dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
-    curvature: Literal["empirical", "fisher", "fisher_mc"] = Field(
+    curvature: Literal["empirical", "fisher", "fisher_mc", "hessian"] = Field(
         "empirical",
         description="H_t: empirical Fisher (nothing extra captured), true Fisher/GGN (C vectors per sample, "
-        "captured while training) or its Monte-Carlo estimate (fisher_samples labels per sample)",
+        "captured while training), its Monte-Carlo estimate (fisher_samples labels per sample), or the exact "
+        "Hessian in the store's coordinates (Hessian-vector products at the replayed parameters; nothing captured, "
+        "the run must be replayable)",
     )
     fisher_samples: int = Field(1, ge=1, description="sampled labels per sample for curvature=fisher_mc")
     blocks: Literal["layer", "model"] = Field(

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessException
 
-from dvemb.capture.fisher import check_curvature, concat_records, curvature_path, fisher_vectors
+from dvemb.capture.fisher import captures_curvature, concat_records, curvature_path, fisher_vectors
 from dvemb.capture.hooks import GradientCapture, ProjectionConfig, loss_weight
 from dvemb.checks import record_segments_used
 from dvemb.errors import CaptureError
@@ -162,7 +162,7 @@ class GradientLogger(L.Callback):
             self.curvature = embed_cfg.get("curvature", "empirical")
         if self.fisher_samples is None:
             self.fisher_samples = int(embed_cfg.get("fisher_samples", 1))
-        check_curvature(self.curvature)
+        self._captures = captures_curvature(self.curvature)
         self._names = {id(p): n for n, p in pl_module.model.named_parameters()}
         clip = getattr(getattr(pl_module, "cfg", None), "grad_clip", None)
         spec = OptimizerSpec.from_torch(trainer.optimizers[0], self._names, grad_clip=clip)
@@ -202,7 +202,7 @@ class GradientLogger(L.Callback):
             dims = {n: s.dim for n, s in self.capture.specs.items()}
             shard = {"dtype": self.projection.dtype, "rank": self.rank, "world_size": self.world}
             self._writer = SegmentWriter(self.run.grads(j, self.rank), dims, **shard)
-            if self.curvature != "empirical":
+            if self._captures:
                 path = curvature_path(self.run, j, self.rank)
                 self._curv_writer = SegmentWriter(path, dims, kind="curvature", **shard)
         scaler = self._scaler(trainer)
@@ -215,7 +215,7 @@ class GradientLogger(L.Callback):
         self._ctx = self.capture.micro_batch(ids, weight=w, loss_scale=self._scale * self.world)
         self._ctx.__enter__()
         self._step_before = step
-        if self.curvature != "empirical":
+        if self._captures:
             self._curv_inputs.append((ids, batch, w))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -224,7 +224,7 @@ class GradientLogger(L.Callback):
         self._lr_wd = (float(group["lr"]), float(wd))
         groups = optimizer.param_groups
         self._groups = ([float(g["lr"]) for g in groups], [float(g.get("weight_decay", 0.0)) for g in groups])
-        if self.curvature != "empirical":  # theta_t: the parameters have not been updated yet
+        if self._captures:  # theta_t: the parameters have not been updated yet
             step = trainer.global_step
             gen = torch.Generator().manual_seed(self.projection.seed * 1_000_003 + step)
             parts = [

@@ -35,7 +35,8 @@ from dvemb.store.rundir import RunDir
 from dvemb.task import Batch, Task
 from dvemb.types import StepGrads
 
-CURVATURES = ("empirical", "fisher", "fisher_mc")
+CURVATURES = ("empirical", "fisher", "fisher_mc", "hessian")
+CAPTURED = ("fisher", "fisher_mc")  # the curvatures whose vectors training captures (hessian: from the replay)
 MAX_EXACT_CLASSES = 64  # more classes: use fisher_mc rather than C curvature rows per sample
 ROWS_PER_PASS = 64  # labels handled by one (vmapped) backward pass
 
@@ -43,6 +44,11 @@ ROWS_PER_PASS = 64  # labels handled by one (vmapped) backward pass
 def curvature_path(run: RunDir, segment: int, rank: int = 0):
     """``grads/curv-seg-XXXX-rank-R.arrow``: the curvature vectors of one segment."""
     return run.root / "grads" / f"curv-seg-{segment:04d}-rank-{rank}.arrow"
+
+
+def captures_curvature(name: str) -> bool:
+    """Whether training captures curvature vectors for ``embed.curvature`` ``name``."""
+    return check_curvature(name) in CAPTURED
 
 
 def check_curvature(name: str) -> str:

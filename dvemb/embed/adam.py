@@ -94,6 +94,25 @@ class StoredCoordinates:
             out[n] = self.proj[n].project_matrices(x).to(self.dtype)
         return out
 
+    def from_stored(self, rows: Vectors) -> dict[str, torch.Tensor]:
+        """The transpose of :meth:`to_stored`, row by row: layer -> [V, dim] to parameter -> [V, *shape] float64
+        (the parameters of the layers in ``rows``; a coordinate store scatters, a Gaussian one multiplies by P^T)."""
+        out = {}
+        with torch.enable_grad():
+            for n, x in rows.items():
+                module = self.modules[n]
+                local = {
+                    p: torch.zeros((len(x), *getattr(module, p.rsplit(".", 1)[-1]).shape), dtype=torch.float64)
+                    for p in self.specs[n].params
+                }
+                for leaf in local.values():
+                    leaf.requires_grad_(True)
+                y = self.proj[n].project_matrices(
+                    kind_of(module).grad_matrix(module, {p.rsplit(".", 1)[-1]: v for p, v in local.items()})
+                )
+                out.update(zip(local, torch.autograd.grad(y, list(local.values()), x.to(y.dtype))))
+        return out
+
 
 def adam_coefficients(
     records: Sequence[StepGrads], run: AdamRun, coords: StoredCoordinates, params: Mapping[str, torch.Tensor]

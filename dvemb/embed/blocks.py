@@ -47,13 +47,14 @@ def merge_schedule(schedule: Schedule, dims: Mapping[str, int]) -> Schedule:
 
 
 def merge_curvature(fn: Callable[[StepGrads], Curvature] | None) -> Callable[[StepGrads], Curvature] | None:
-    """Wrap a per-step curvature function so its vectors are merged too (``None`` stays empirical)."""
+    """Wrap a per-step curvature function so its vectors are merged too (``None`` stays empirical; a product
+    takes either layout)."""
     if fn is None:
         return None
 
     def merged(rec: StepGrads) -> Curvature:
         c = fn(rec)
-        return Curvature(merge_layers(c.vectors), c.coef)
+        return c if c.product is not None else Curvature(merge_layers(c.vectors), c.coef)
 
     return merged
 

@@ -1,5 +1,6 @@
 """The curvature of the backward recursion, per step: the empirical Fisher (from the stored gradients
-themselves) or the true Fisher / GGN vectors captured while training (dvemb.capture.fisher).
+themselves), the true Fisher / GGN vectors captured while training (dvemb.capture.fisher), or the exact Hessian
+in the store's coordinates, from the replayed trajectory (dvemb.embed.hessian).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def recorded_curvature(run: RunDir) -> str:
 
 
 def curvature_fn(run: RunDir, name: str | None, segments: Sequence[int]) -> CurvatureFn | None:
-    """None for the empirical Fisher (the propagator's default), else the stored vectors' CurvatureFn."""
+    """None for the empirical Fisher (the propagator's default); the exact Hessian's CurvatureFn (replaying the
+    run, dvemb.embed.hessian); else the stored vectors' CurvatureFn."""
     name = recorded_curvature(run) if name is None else check_curvature(name)
+    if name == "hessian":
+        from dvemb.embed.hessian import hessian_curvature  # the replay's readers load only where it is used
+
+        return hessian_curvature(run, segments)
     return None if name == "empirical" else stored_curvature(run, segments)

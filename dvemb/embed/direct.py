@@ -54,7 +54,7 @@ def direct_scores(
         uniform = not schedule.per_layer  # scalars: folded into the GEMM, as the score's factor
         curv = curvature(rec) if curvature else empirical_fisher(rec)
         coef = curv.coef.to(device, dtype)[None, :, None]
-        score = None
+        score, eus, decay = None, {}, {}
         for d, names in groups.items():
             if uniform:
                 eu = u[d]
@@ -66,6 +66,9 @@ def direct_scores(
             gu = torch.bmm(g, eu)  # [L, B, V]
             part = gu.sum(0)
             score = part if score is None else score + part
+            if curv.product is not None:  # applied to every block at once, below
+                eus[d], decay[d] = eu, (1.0 - lr * wd if uniform else c)
+                continue
             f, fu = (g, gu) if curvature is None else (stack(curv.vectors, names), None)
             if fu is None:
                 fu = torch.bmm(f, eu)
@@ -73,6 +76,11 @@ def direct_scores(
                 u[d].baddbmm_(f.transpose(1, 2), fu * coef, beta=1.0 - lr * wd, alpha=-lr)
             else:
                 u[d].mul_(c).baddbmm_(f.transpose(1, 2), fu * coef, alpha=-1.0)
+        if curv.product is not None:  # U <- c U - H E U
+            heu = curv.product({n: x for d, names in groups.items() for n, x in zip(names, eus[d])})
+            for d, names in groups.items():
+                h = torch.stack([heu[n] for n in names])
+                u[d].mul_(decay[d]).sub_(h, alpha=lr if uniform else 1.0)
         out.append(score * lr if uniform else score)
     out.reverse()
     return out

@@ -64,6 +64,19 @@ def _merge(
     return [merge_step(r) for r in records], merged, {MODEL: cat(rho)}, merge_curvature(curvature)
 
 
+def curvature_times(curv: Curvature, x: Vectors, dtype: torch.dtype) -> Vectors:
+    """H x for columns x (block -> [D, V]) under ``curv``'s layout: its vectors (``F^T diag(beta) F x``) or its
+    product (the exact Hessian)."""
+    if curv.product is not None:
+        return curv.product(x)
+    beta = curv.coef.to(dtype)[:, None]
+    out = {}
+    for n, cols in x.items():
+        f = curv.vectors[n].to(cols.device, dtype)
+        out[n] = f.T @ ((f @ cols) * beta.to(cols.device))
+    return out
+
+
 def state_direct_scores(
     records: Sequence[StepGrads],
     coef: Sequence[StepCoef],
@@ -97,12 +110,10 @@ def state_direct_scores(
         r = {n: rho[n].to(dtype)[:, None] for n in names}
         out.append(-cl * sum(rec.grads[n].to(dtype) @ (r[n] * ubar[n]) for n in names))  # [B, V]
         curv = curvature(rec) if curvature else empirical_fisher(rec)
-        w = curv.coef.to(dtype)[:, None]
+        hu = curvature_times(curv, {n: r[n] * ubar[n] for n in names}, dtype)  # H (rho ubar)
         for n in names:
-            f = curv.vectors[n].to(dtype)
             k = c[n]
-            u[n] = k["decay"].to(dtype)[:, None] * u[n] + cl * (f.T @ ((f @ (r[n] * ubar[n])) * w))
-            u[n] += k["lam"].to(dtype)[:, None] * ubar[n]
+            u[n] = k["decay"].to(dtype)[:, None] * u[n] + cl * hu[n] + k["lam"].to(dtype)[:, None] * ubar[n]
     out.reverse()
     return out
 
@@ -128,25 +139,24 @@ class StatePropagator:
         self, rec: StepGrads, coef: StepCoef, clip: float, rho: Mapping[str, torch.Tensor], curvature: Curvature | None
     ) -> Vectors:
         """Embed step ``rec`` (block -> [B, nD]), then fold its Phi_t into Q. coef: the step's coefficients."""
-        curv = curvature or empirical_fisher(rec)
-        beta = curv.coef.to(self.device, self.dtype)
-        out = {}
+        out, w, parts, k = {}, {}, {}, {}
         for n, q in self.Q.items():
-            k = {key: x.to(self.device, self.dtype) for key, x in coef[n].items()}
-            d = len(k["a"])
+            k[n] = {key: x.to(self.device, self.dtype) for key, x in coef[n].items()}
+            d = len(k[n]["a"])
             r = rho[n].to(self.device, self.dtype)
             qt, qm = q[:, :d], q[:, d : 2 * d]
-            w = qm * k["k1"] - qt * k["a"]
-            parts = [None, k["b1"] * (qm - qt * k["P"])]
+            w[n] = qm * k[n]["k1"] - qt * k[n]["a"]
+            parts[n] = [qt, k[n]["b1"] * (qm - qt * k[n]["P"])]
             if q.shape[0] == 3 * d:
                 qv = q[:, 2 * d :]
-                w = w + qv * k["k2"]
-                parts.append(k["b2"] * (qv + qt * k["S"]))
-            out[n] = (-clip) * (rec.grads[n].to(self.device, self.dtype) * r) @ w.T
-            f = curv.vectors[n].to(self.device, self.dtype)
-            wh = (((w * r) @ f.T) * beta) @ f  # W H, H = diag(rho) F^T diag(beta) F
-            parts[0] = qt * k["decay"] + clip * wh + w * k["lam"]
-            self.Q[n] = torch.cat(parts, dim=1)
+                w[n] = w[n] + qv * k[n]["k2"]
+                parts[n].append(k[n]["b2"] * (qv + qt * k[n]["S"]))
+            out[n] = (-clip) * (rec.grads[n].to(self.device, self.dtype) * r) @ w[n].T
+        # W diag(rho) H = (H (W diag(rho))^T)^T, H symmetric
+        rw = {n: (x * rho[n].to(self.device, self.dtype)).T for n, x in w.items()}
+        wh = curvature_times(curvature or empirical_fisher(rec), rw, self.dtype)
+        for n, (qt, *rest) in parts.items():
+            self.Q[n] = torch.cat([qt * k[n]["decay"] + clip * wh[n].T + w[n] * k[n]["lam"], *rest], dim=1)
         return out
 
     def compose(self, other: StatePropagator) -> None:

@@ -13,7 +13,7 @@ decay). After the step, ``C - M`` = A_{end-1} … A_t exactly. Layers of equal d
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +25,13 @@ Vectors = dict[str, torch.Tensor]  # layer -> [n, D]
 
 @dataclass
 class Curvature:
-    """The curvature vectors of one step: H = sum_j coef_j f_j f_j^T. vectors: layer -> [n, D]; coef: [n]."""
+    """The curvature of one step: H = sum_j coef_j f_j f_j^T (vectors: layer -> [n, D]; coef: [n]), or, where
+    ``product`` is set, H applied to columns directly (block -> [D, V] to H x, same layout; the exact Hessian,
+    dvemb.embed.hessian), and the vectors are unused."""
 
     vectors: Vectors
     coef: torch.Tensor
+    product: Callable[[Vectors], Vectors] | None = None
 
 
 def empirical_fisher(rec: StepGrads) -> Curvature:
@@ -101,6 +104,16 @@ class Propagator:
                 eta = eta64.to(self.dtype)[:, None, :]
             g = self._stack(rec.grads, names)
             e = self._q_e(g, m, cq, eta)
+            if curv.product is not None:  # (C - M) E H = (H E (C - M)^T)^T, H symmetric
+                y = (eta if isinstance(eta, float) else eta.transpose(1, 2)) * (
+                    torch.diag_embed(cq) - m.transpose(1, 2)
+                )
+                hy = curv.product(dict(zip(names, y)))
+                upd = torch.stack([hy[n] for n in names]).transpose(1, 2)
+                m.mul_(c if uniform else c[:, None, :]).add_(upd)
+                cq.mul_(c)
+                out.update(zip(names, e))
+                continue
             if curvature is None:
                 f, ef = g, e
             else:

@@ -62,9 +62,9 @@ def curvature_advice(run: RunDir, curvature: str, blocks: str) -> str | None:
         return None
     return (
         f"{run.root}: a {kind} run scored with embed.curvature={curvature}, embed.blocks={blocks}; the "
-        f"{kind}-aware recursion was measured far more faithful with embed.curvature=fisher (GGN vectors, captured "
-        "in training; fisher_mc for large label sets) and embed.blocks=model (docs/RESULTS.md), or use "
-        "score.mode=exact"
+        f"{kind}-aware recursion was measured far more faithful with embed.curvature=hessian (the exact Hessian, "
+        "from the replayed run) or fisher (GGN vectors, captured in training; fisher_mc for large label sets) and "
+        "embed.blocks=model (docs/RESULTS.md), or use score.mode=exact"
     )
 
 

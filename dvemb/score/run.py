@@ -9,11 +9,12 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from dvemb.capture.fisher import captures_curvature
 from dvemb.capture.hooks import GradientCapture
 from dvemb.checks import finite_frame
 from dvemb.config import RunConfig
 from dvemb.data import TableDataModule
-from dvemb.embed.curvature import curvature_fn
+from dvemb.embed.curvature import curvature_fn, recorded_curvature
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.recorded_state import curvature_advice, state_kind
 from dvemb.embed.run import DTYPES, load_embeddings
@@ -75,9 +76,11 @@ def occurrence_index(paths: list[Path], bounds: list[int], kind: str) -> list[St
 
 
 def segment_curvature(run: RunDir, name: str, bounds: list[int]) -> CurvatureFn | None:
-    """``curvature_fn`` for any step, holding the stored vectors of one segment at a time (None: empirical)."""
-    if curvature_fn(run, name, []) is None:
-        return None
+    """``curvature_fn`` for any step, holding the stored vectors of one segment at a time (None: empirical; the
+    exact Hessian replays one segment at a time itself)."""
+    name = recorded_curvature(run) if name is None else name
+    if not captures_curvature(name):
+        return curvature_fn(run, name, range(len(bounds) - 1))
     held: dict[int, CurvatureFn] = {}
 
     def fn(rec: StepGrads):

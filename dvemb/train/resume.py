@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from dvemb.capture.fisher import captures_curvature
 from dvemb.config import ConfigError, RunConfig
 from dvemb.errors import DamagedFileError, DvembError, StoreError
 from dvemb.store import integrity
@@ -268,7 +269,7 @@ def finished_training(run: RunDir) -> bool:
 def _all_segments_done(run: RunDir) -> bool:
     """Every segment's gradients and trajectory part and every checkpoint are there (merge pending)."""
     bounds = run.boundaries
-    curvature = (run.meta().get("config") or {}).get("embed", {}).get("curvature", "empirical") != "empirical"
+    curvature = captures_curvature((run.meta().get("config") or {}).get("embed", {}).get("curvature", "empirical"))
     files = [run.checkpoint(s) for s in bounds]
     files += [p for j in range(len(bounds) - 1) for p in _segment_files(run, j, curvature)]
     return all(p.exists() for p in files) and not integrity.damaged(run.root, files, deep=True)
@@ -333,7 +334,7 @@ def plan_resume(run: RunDir, cfg: RunConfig) -> ResumePoint | None:
         steps = merge_trajectory(run)
         run.update_meta(status="trained", steps_done=steps, remove_keys=("process", "error", "failed_at_step"))
         return ResumePoint(run.boundaries[-1], done=True)
-    curvature = (meta.get("config") or {}).get("embed", {}).get("curvature", "empirical") != "empirical"
+    curvature = captures_curvature((meta.get("config") or {}).get("embed", {}).get("curvature", "empirical"))
     b = last_boundary(run, curvature, deep=True)
     if b is None:
         return None
@@ -367,7 +368,7 @@ def status_lines(run: RunDir, meta: dict) -> list[str]:
             lines.append(f"training by {where}: cannot tell from here whether it still runs; if it stopped:")
         else:
             lines.append(f"training was killed: its process (pid {proc['pid']}) is gone")
-    curvature = (meta.get("config") or {}).get("embed", {}).get("curvature", "empirical") != "empirical"
+    curvature = captures_curvature((meta.get("config") or {}).get("embed", {}).get("curvature", "empirical"))
     b = last_boundary(run, curvature)
     total = run.boundaries[-1]
     at = f"step {b} of {total}" if b is not None else f"none after step 0 of {total} (resuming starts training over)"
