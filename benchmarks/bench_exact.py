@@ -23,7 +23,11 @@ LAST epoch. Estimators, all scored at the final checkpoint:
   default; D exact on them); a Gaussian ``32x32`` store cannot carry
   Adam's elementwise state (the SGD proxy only; the options for it: benchmarks/bench_adam_projection.py);
 * ``momentum-empirical`` / ``momentum-fisher-model`` — the momentum-aware direct mode (SGD momentum linearised
-  on (theta, b), dvemb.embed.momentum) on any store.
+  on (theta, b), dvemb.embed.momentum) on any store;
+* ``*-hessian-model`` — the same recursions with ``embed.curvature: hessian``: the exact Hessian of each step in
+  the store's coordinates (Hessian-vector products at the replayed parameters, dvemb.embed.hessian) instead of
+  a Gauss-Newton model. Unprojected it equals ``exact-first-order`` (tests/test_hessian_curvature.py); on a
+  compressed store it measures what the store alone costs.
 
 Reported per phase: Spearman and Pearson vs TSLOO and the least-squares scale (the factor s minimising
 ||tsloo - s * estimate||; 1 = calibrated). Cost: wall time of the exact sweep over the time of replaying
@@ -140,10 +144,12 @@ def run_regime(name: str, projection: str, points: int, workdir: Path, quick: bo
     estimates["sgd-proxy-empirical"] = sgd_proxy(run, cfg, "empirical", "layer")
     estimates["sgd-proxy-fisher-model"] = sgd_proxy(run, cfg, "fisher", "model")
     kind = state_kind(run)
+    if not kind:  # plain SGD: the SGD recursion is the run's own
+        estimates["sgd-proxy-hessian-model"] = sgd_proxy(run, cfg, "hessian", "model")
     if kind:  # the optimizer's state linearised: AdamW (theta, m, v), momentum (theta, b)
         v = val_vectors(run, cfg, traj.boundaries[-1])
         prefix = "adam" if kind == "adamw" else "momentum"
-        for curvature, blocks in (("empirical", "layer"), ("fisher", "model")):
+        for curvature, blocks in (("empirical", "layer"), ("fisher", "model"), ("hessian", "model")):
             embed = cfg.embed.model_copy(update={"curvature": curvature, "blocks": blocks})
             scores = state_occurrence_scores(run, cfg.model_copy(update={"embed": embed}), traj.boundaries[-1], v)
             estimates[f"{prefix}-{curvature}{'-model' if blocks == 'model' else ''}"] = [x[:, 0] for x in scores]
@@ -258,6 +264,9 @@ README_RUNS = {
 }
 
 
+CURVATURE_NAMES = {"empirical": "empirical Fisher", "fisher": "GGN", "hessian": "Hessian"}
+
+
 def readme_table(results: list[dict], peer: dict | None) -> str:
     """README's mode table: Spearman first / last epoch of exact mode and of the best embedding-mode
     curvature (unprojected, and at 32x32), plus dattri-llm's row from ``peer`` (bench_peer_adamw JSON)."""
@@ -267,12 +276,14 @@ def readme_table(results: list[dict], peer: dict | None) -> str:
         return " / ".join(f"{phases[ph]['estimators'][est]['spearman']:.3f}" for ph in ("first", "last"))
 
     def best(phases: dict) -> str:
+        """The estimator whose worse phase ranks best, with its curvature named."""
         names = phases["last"]["estimators"]
         for prefix, label in (("adam-", "Adam-aware "), ("momentum-", "momentum-aware "), ("sgd-proxy", "")):
             pool = [k for k in names if k.startswith(prefix)]
             if pool:
-                k = max(pool, key=lambda e: names[e]["spearman"])
-                return f"{label}{sp(phases, k)}"
+                k = max(pool, key=lambda e: min(phases[ph]["estimators"][e]["spearman"] for ph in ("first", "last")))
+                curvature = next(v for c, v in CURVATURE_NAMES.items() if c in k)
+                return f"{label}{sp(phases, k)} ({curvature})"
         raise ValueError("no embedding-mode estimator")
 
     lines = [

@@ -170,14 +170,16 @@ def test_an_adamw_runs_embeddings_answer_queries_without_the_gradient_store(runs
 
 def test_state_aware_runs_scored_with_a_weak_curvature_model_are_told_the_measured_one(runs):
     """AdamW / momentum runs in embedding or direct mode with the empirical Fisher or per-layer blocks get a warning
-    naming embed.curvature=fisher and embed.blocks=model (measured far more faithful: docs/RESULTS.md); plain SGD
-    and the recommended setting get none."""
+    naming embed.curvature=hessian or fisher and embed.blocks=model (measured far more faithful: docs/RESULTS.md);
+    plain SGD and the recommended settings get none."""
     from dvemb.embed.recorded_state import curvature_advice
 
     for kind in ("adamw", "momentum"):
         run = RunDir(runs[kind])
         for curvature, blocks in (("empirical", "layer"), ("empirical", "model"), ("fisher", "layer")):
             advice = curvature_advice(run, curvature, blocks)
-            assert advice and "embed.curvature=fisher" in advice and "embed.blocks=model" in advice, advice
+            assert advice and "embed.blocks=model" in advice, advice
+            assert "embed.curvature=hessian" in advice and "fisher" in advice, advice
         assert curvature_advice(run, "fisher", "model") is None
+        assert curvature_advice(run, "hessian", "model") is None
     assert curvature_advice(RunDir(runs["sgd"]), "empirical", "layer") is None
