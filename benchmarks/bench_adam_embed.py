@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover
     from common import RESULTS, machine_info, record, replace_doc_block, write_json_atomic
 
 ADAM_REGIMES = ("adamw-5ep", "adamw-15ep")
-STORES = {"unprojected": "full", "subsample 32x32": "32x32-sub"}
+STORES = {"unprojected": "full", "subsample 32x32": "32x32-sub", "rowwise 32x32": "32x32-row"}
 QUICK = ["train.epochs=2", "data.subset=128", "data.eval_subset=64"]
 TOL = 1e-9  # embedding vs direct, relative to the largest direct score (fp64)
 DOC_HEADING = (
@@ -77,13 +77,17 @@ def size(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths if p.exists())
 
 
-def measure(regime: str, store: str, segments: int, workdir: Path, quick: bool, repeats: int) -> dict:
-    """Record one run; time a direct query, the embed stage and an embedding query; compare their scores."""
+def measure(
+    regime: str, store: str, segments: int, workdir: Path, quick: bool, repeats: int, curvature: dict | None = None
+) -> dict:
+    """Record one run; time a direct query, the embed stage and an embedding query; compare their scores.
+    curvature: ``embed`` settings (curvature, blocks) both modes use instead of the recorded ones."""
     sets = BASE + REGIMES[regime] + PROJECTIONS[STORES[store]] + [f"embed.segments={segments}"]
     if quick:
         sets += QUICK
     run = RunDir(workdir / f"{regime}-{STORES[store]}-{segments}")
     cfg, t_train = record(sets, run)
+    cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update=curvature or {})})
     if not adam_aware(run):
         raise SystemExit(f"{run.root}: not an Adam-aware run (AdamW with a store of the gradients' own coordinates)")
     b = run.boundaries
@@ -117,6 +121,7 @@ def measure(regime: str, store: str, segments: int, workdir: Path, quick: bool, 
         "regime": regime,
         "store": store,
         "segments": segments,
+        "curvature": f"{cfg.embed.curvature}, {cfg.embed.blocks} blocks",
         "overrides": sets,
         "steps": T,
         "occurrences": sum(len(d) for d in direct),
@@ -143,16 +148,17 @@ def mb(n: int) -> str:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| regime | store | segments | steps | direct s / query | embed stage s | embedding s / query "
+        "| regime | store | curvature | segments | steps | direct s / query | embed stage s | embedding s / query "
         "| direct / embedding per query | break-even queries | MB: store (grads + curvature) "
         "| MB: embeddings + propagators | max rel. diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         s, by = r["seconds"], r["bytes"]
         even = "never" if r["break_even_queries"] is None else f"{r['break_even_queries']:.1f}"
         lines.append(
-            f"| {r['regime']} | {r['store']} | {r['segments']} | {r['steps']} | {s['direct_per_query']:.3f} "
+            f"| {r['regime']} | {r['store']} | {r.get('curvature', 'fisher, layer blocks')} | {r['segments']} "
+            f"| {r['steps']} | {s['direct_per_query']:.3f} "
             f"| {s['embed_stage']:.2f} | {s['embedding_per_query']:.3f} | {r['direct_over_embedding_per_query']:.2f}x "
             f"| {even} | {mb(by['grads'] + by['curvature'])} ({mb(by['grads'])} + {mb(by['curvature'])}) "
             f"| {mb(by['embeddings'] + by['propagators'])} ({mb(by['embeddings'])} + {mb(by['propagators'])}) "
@@ -175,25 +181,33 @@ def main() -> None:
         "15-epoch run takes ~20 minutes on one core)",
     )
     ap.add_argument("--repeats", type=int, default=2, help="per-query times: best of this many calls")
+    ap.add_argument("--curvature", default=None, help="embed.curvature of both modes (default: as recorded, fisher)")
+    ap.add_argument("--blocks", default=None, help="embed.blocks of both modes (default: as recorded, layer)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/)")
     args = ap.parse_args()
     torch.set_default_dtype(torch.float64)
     regimes = args.regimes or (ADAM_REGIMES[:1] if args.quick else ADAM_REGIMES)
     stores = args.stores or (["subsample 32x32"] if args.quick else list(STORES))
-    out = args.out or RESULTS / f"bench_adam_embed{'_quick' if args.quick else ''}_cpu.json"
+    override = {k: v for k, v in (("curvature", args.curvature), ("blocks", args.blocks)) if v}
+    tag = "".join(f"_{v}" for v in override.values())  # a curvature of its own: its own JSON and doc block
+    out = args.out or RESULTS / f"bench_adam_embed{tag}{'_quick' if args.quick else ''}_cpu.json"
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-adam-embed-") as tmp:
         for regime in regimes:
             for store in stores:
                 for segments in args.segments if regime in args.all_segments_regimes else args.segments[:1]:
-                    results.append(measure(regime, store, segments, Path(tmp), args.quick, args.repeats))
+                    results.append(measure(regime, store, segments, Path(tmp), args.quick, args.repeats, override))
                     print(table(results[-1:]), flush=True)
                     for p in (Path(tmp) / f"{regime}-{STORES[store]}-{segments}").glob("embeddings/*"):
                         p.unlink()  # an unprojected run's propagators are ~1 GB: keep one run's on disk
                     meta = {"machine": machine_info("cpu"), "quick": args.quick, "tolerance": TOL}
                     write_json_atomic(out, meta | {"results": results})  # after every row: kept if interrupted
     if not args.quick:
-        replace_doc_block(ROOT / "docs" / "RESULTS.md", "bench_adam_embed", table(results), missing=DOC_HEADING)
+        block = f"bench_adam_embed{tag}"
+        heading = (
+            DOC_HEADING if not tag else f"The same with `--curvature {args.curvature} --blocks {args.blocks}`:\n\n"
+        )
+        replace_doc_block(ROOT / "docs" / "RESULTS.md", block, table(results), missing=heading)
     print(table(results))
 
 
