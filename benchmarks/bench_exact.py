@@ -287,25 +287,29 @@ def readme_table(results: list[dict], peer: dict | None) -> str:
         raise ValueError("no embedding-mode estimator")
 
     lines = [
-        "| run | exact | embedding / direct (best curvature, unprojected) | embedding / direct at 32×32 "
-        "(AdamW: per-row subsample store) |",
-        "|---|---|---|---|",
+        "| run | exact | embedding / direct (best curvature, unprojected) | embedding / direct at 32×32, the default "
+        "store (SGD: Gaussian Kronecker; AdamW: per-row subsample) | at 32×32 per-row subsample (`capture.kind: "
+        "rowwise`) |",
+        "|---|---|---|---|---|",
     ]
     for regime, label in README_RUNS.items():
         full = cells.get((regime, "full"))
         proj = cells.get((regime, "32x32-row" if regime.startswith("adamw") else "32x32"))
+        row = cells.get((regime, "32x32-row"))
         if full is None or proj is None:
             continue
         first_order = ""
         if "exact-first-order" in full["last"]["estimators"]:
             first_order = f" (removal linearised: {sp(full, 'exact-first-order')})"
-        lines.append(f"| {label} | {sp(full, 'exact')}{first_order} | {best(full)} | {best(proj)} |")
+        per_row = best(row) if row is not None else "—"
+        lines.append(f"| {label} | {sp(full, 'exact')}{first_order} | {best(full)} | {best(proj)} | {per_row} |")
     if peer:
         runs = {r["regime"]: r["phases"] for r in peer["results"]}
         est = "dattri-llm AdamWInfluence (propagation=train)"
         row = "; ".join(sp(runs[k], est) for k in ("adamw-5ep", "adamw-15ep") if k in runs)
         lines.append(
-            f"| dattri-llm {peer['dattri_llm_version']} AdamWInfluence (peer), AdamW 5 / 15 epochs | — | {row} | — |"
+            f"| dattri-llm {peer['dattri_llm_version']} AdamWInfluence (peer), AdamW 5 / 15 epochs | — | {row} "
+            "| — | — |"
         )
     return "\n".join(lines)
 
