@@ -50,6 +50,16 @@ class StepGrads:
 
 
 Rate = float | torch.Tensor  # one value for a whole layer, or one per stored coordinate ([D] float64)
+Vectors = dict[str, torch.Tensor]  # layer (or block) -> [n, D]
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
+
+
+def clipped_norms(clip: Sequence[float], max_norm: float | None) -> list[float]:
+    """Per step: the total gradient norm ``max_norm / c - eps`` where global-norm clipping scaled the step by its
+    recorded factor c < 1, else 0."""
+    if max_norm is None:
+        return [0.0] * len(clip)
+    return [max_norm / c - CLIP_EPS if 0 < c < 1 else 0.0 for c in clip]
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,8 @@ class Schedule:
     ``group_weight_decay[t][i]`` in the same convention for param group i, and ``layer_groups``: layer ->
     the group of its stored coordinates, an int (the whole layer) or a [D] int64 tensor (one group per
     stored coordinate, e.g. a weight that decays and a bias that does not). A layer without an entry
-    follows ``lr`` / ``weight_decay``.
+    follows ``lr`` / ``weight_decay``. ``clip_norm``: per step, the total gradient norm where global-norm clipping
+    scaled the step (0 elsewhere; None: no clipping recorded), for clipping's derivative (dvemb.embed.clipping).
     """
 
     lr: Sequence[float]
@@ -70,6 +81,7 @@ class Schedule:
     group_lr: Sequence[Sequence[float]] | None = None
     group_weight_decay: Sequence[Sequence[float]] | None = None
     layer_groups: Mapping[str, int | torch.Tensor] = field(default_factory=dict)
+    clip_norm: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         if (self.group_lr is None) != (self.group_weight_decay is None):
@@ -81,6 +93,10 @@ class Schedule:
             )
         if self.layer_groups and self.group_lr is None:
             raise ValueError("Schedule: layer_groups needs group_lr and group_weight_decay")
+
+    def clipped_norm(self, step: int) -> float:
+        """||g_t|| of a clipped step, else 0."""
+        return float(self.clip_norm[step]) if self.clip_norm is not None else 0.0
 
     @property
     def per_layer(self) -> bool:

@@ -1,10 +1,12 @@
-"""``embed.curvature: hessian``: the exact Hessian of each step in the store's coordinates.
+"""``embed.curvature: hessian``: the exact Hessian of each step in the store's coordinates; clipping's derivative.
 
 Independent checks: the store's transposed map is the adjoint of capture's map (every store kind); the product
 equals ``S H S^T x`` with H the dense Hessian of the step's batch loss (torch.autograd.functional.hessian) at the
 replayed parameters, for a compressed store and both block layouts; and on an unprojected store with one block,
 the SGD, momentum and Adam-aware recursions (direct and embedding modes) give the exact mode's first-order sweep
-(dvemb.replay.exact, ``removal="linear"``: the VJP of the real optimizer's step map) to float64 rounding. A run
+(dvemb.replay.exact, ``removal="linear"``: the VJP of the real optimizer's step map) to float64 rounding — on runs
+where global-norm clipping scales some steps, so clipping's derivative ``c (I - u u^T)`` is checked too; on a
+sampled store with clipped steps, embeddings give the direct scores. A run
 whose replay misses its recorded boundary is refused with the step, before any score is written.
 """
 
@@ -30,7 +32,8 @@ from dvemb.store.rundir import RunDir
 from dvemb.types import ProjectionConfig
 
 FP64 = ["train.precision=64-true", "capture.dtype=float64", "embed.dtype=float64"]
-TINY = ["train.epochs=2", "data.subset=160", "data.eval_subset=64", "embed.segments=2", *FP64]
+# clipping at 0.6 scales some steps and not others: both sides of clipping's derivative (dvemb.embed.clipping)
+TINY = ["train.epochs=2", "data.subset=160", "data.eval_subset=64", "embed.segments=2", "train.grad_clip=0.6", *FP64]
 FULL = ["capture.k_a=null", "capture.k_s=null", "capture.kind=kronecker"]
 OPTIMIZERS = {
     "sgd": ["train.lr=0.1"],
@@ -99,20 +102,29 @@ def test_the_product_is_the_dense_hessian_seen_through_the_store(runs):
         torch.testing.assert_close(per_layer[n], h[sl, sl] @ xs[n], rtol=1e-10, atol=1e-12)
 
 
-def _scores(run: RunDir, mode: str, blocks: str) -> np.ndarray:
-    """Occurrence scores at the final checkpoint with the Hessian curvature, in (step, sample id) order."""
+def _scores(run: RunDir, mode: str, blocks: str, curvature: str = "hessian") -> np.ndarray:
+    """Occurrence scores at the final checkpoint, in (step, sample id) order."""
     cfg = run_config(run).model_copy(deep=True)
-    cfg.embed.curvature, cfg.embed.blocks, cfg.score.mode, cfg.score.checkpoints = "hessian", blocks, mode, False
+    cfg.embed.curvature, cfg.embed.blocks, cfg.score.mode, cfg.score.checkpoints = curvature, blocks, mode, False
     if mode == "embedding":
         for j in range(len(run.boundaries) - 1):
             embed_segment(run, j, cfg.embed, "embedding")
     return occurrence_scores(run, cfg).sort("step", "sample_id")["score"].to_numpy()
 
 
+def test_the_runs_clip_some_steps_and_not_others(runs):
+    from dvemb.store.trajectory import read_steps
+
+    for run in runs.values():
+        clip = read_steps(RunDir(run))["clip_factor"].to_numpy()
+        assert (clip < 1).any() and (clip == 1).any(), clip
+
+
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_with_the_hessian_the_recursions_are_the_exact_first_order_sweep(runs, optimizer):
-    """Unprojected, one block: direct and embedding modes == exact mode with the removal linearised (1e-10 of the
-    largest score); per-layer blocks: embedding == direct."""
+    """Unprojected, one block, clipped steps among them: direct and embedding modes == exact mode with the removal
+    linearised (1e-10 of the largest score) — clipping's derivative included; per-layer blocks: embedding ==
+    direct."""
     run = RunDir(runs[optimizer])
     traj = load_trajectory(run)
     sweep = exact_scores(traj, removal="linear")[traj.boundaries[-1]]
@@ -123,6 +135,15 @@ def test_with_the_hessian_the_recursions_are_the_exact_first_order_sweep(runs, o
     for mode in ("direct", "embedding"):
         np.testing.assert_allclose(_scores(run, mode, "model"), want, rtol=0, atol=1e-10 * scale)
     np.testing.assert_allclose(_scores(run, "embedding", "layer"), _scores(run, "direct", "layer"), atol=1e-10 * scale)
+
+
+@pytest.mark.parametrize("curvature, blocks", [("empirical", "layer"), ("hessian", "model")])
+def test_clipped_embeddings_give_the_direct_scores_on_a_sampled_store(runs, curvature, blocks):
+    """A rowwise store (sampling ratio rho != 1) with clipped steps: embedding mode == direct mode (1e-10)."""
+    run = RunDir(runs["rowwise"])
+    direct = _scores(run, "direct", blocks, curvature)
+    embedded = _scores(run, "embedding", blocks, curvature)
+    np.testing.assert_allclose(embedded, direct, rtol=0, atol=1e-10 * np.abs(direct).max())
 
 
 def test_a_run_whose_replay_misses_its_boundary_is_refused_with_the_step(runs, tmp_path):

@@ -2,8 +2,9 @@
 
 U <- grad l_val(theta_c) (per layer [D, V]); for t = c-1 … 0, with E_t = diag(eta_t) the LR of each
 stored coordinate's own param group and c_t = 1 - eta_t (.) lambda_t its decay factor (A_t = D_t - E_t H_t):
-    scores_t = G_t E_t U                          ([B, V], summed over layers)
-    U <- c_t (.) U - sum_j beta_j f_j (f_j^T E_t U)          (= A_t^T U)
+    scores_t = G_t P_t E_t U                      ([B, V], summed over layers)
+    U <- c_t (.) U - sum_j beta_j f_j (f_j^T P_t E_t U)      (= A_t^T U)
+with P_t = I - q q^T at a clipped step (clipping's derivative, dvemb.embed.clipping), else I.
 Cost O(B D V) per step instead of O(B D^2).
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from dvemb.embed.blocks import check_blocks, merge_curvature, merge_layers, merge_schedule, merge_step
+from dvemb.embed.clipping import clip_direction, project_columns
 from dvemb.embed.propagator import Vectors, empirical_fisher, layer_rates
 from dvemb.embed.segments import CurvatureFn
 from dvemb.types import Schedule, StepGrads
@@ -54,6 +56,7 @@ def direct_scores(
         uniform = not schedule.per_layer  # scalars: folded into the GEMM, as the score's factor
         curv = curvature(rec) if curvature else empirical_fisher(rec)
         coef = curv.coef.to(device, dtype)[None, :, None]
+        clip = clip_direction(rec, schedule.clipped_norm(rec.step), dtype)
         score, eus, decay = None, {}, {}
         for d, names in groups.items():
             if uniform:
@@ -62,6 +65,8 @@ def direct_scores(
                 eta = layer_rates(lr, names, d, device)  # [L, D]
                 c = (1.0 - eta * layer_rates(wd, names, d, device)).to(dtype)[:, :, None]
                 eu = u[d] * eta.to(dtype)[:, :, None]  # E_t U
+            if clip is not None:  # P E_t U: clipping's derivative (dvemb.embed.clipping)
+                eu = project_columns(eu, stack({n: clip[n][None] for n in names}, names)[:, 0])
             g = stack(rec.grads, names)
             gu = torch.bmm(g, eu)  # [L, B, V]
             part = gu.sum(0)

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from dvemb.embed.blocks import MODEL, check_blocks, merge_curvature, merge_layers, merge_step
+from dvemb.embed.clipping import project_columns, project_rows
 from dvemb.embed.propagator import Curvature, Vectors, empirical_fisher
 from dvemb.types import LayerProjection, StepGrads
 
@@ -108,9 +109,11 @@ def state_direct_scores(
                 um["v", n] = k["b2"] * (um["v", n] + k["S"] * u[n])
             um["m", n] = k["b1"] * (um["m", n] - k["P"] * u[n])
         r = {n: rho[n].to(dtype)[:, None] for n in names}
-        out.append(-cl * sum(rec.grads[n].to(dtype) @ (r[n] * ubar[n]) for n in names))  # [B, V]
+        # clipping's derivative (dvemb.embed.clipping): the gradient's perturbations reach dd through P
+        pu = {n: project_columns(ubar[n], c[n]["q"].to(dtype), r[n][:, 0]) if "q" in c[n] else ubar[n] for n in names}
+        out.append(-cl * sum(rec.grads[n].to(dtype) @ (r[n] * pu[n]) for n in names))  # [B, V]
         curv = curvature(rec) if curvature else empirical_fisher(rec)
-        hu = curvature_times(curv, {n: r[n] * ubar[n] for n in names}, dtype)  # H (rho ubar)
+        hu = curvature_times(curv, {n: r[n] * pu[n] for n in names}, dtype)  # H (rho P ubar)
         for n in names:
             k = c[n]
             u[n] = k["decay"].to(dtype)[:, None] * u[n] + cl * hu[n] + k["lam"].to(dtype)[:, None] * ubar[n]
@@ -139,7 +142,7 @@ class StatePropagator:
         self, rec: StepGrads, coef: StepCoef, clip: float, rho: Mapping[str, torch.Tensor], curvature: Curvature | None
     ) -> Vectors:
         """Embed step ``rec`` (block -> [B, nD]), then fold its Phi_t into Q. coef: the step's coefficients."""
-        out, w, parts, k = {}, {}, {}, {}
+        out, w, rw, parts, k = {}, {}, {}, {}, {}
         for n, q in self.Q.items():
             k[n] = {key: x.to(self.device, self.dtype) for key, x in coef[n].items()}
             d = len(k[n]["a"])
@@ -151,10 +154,12 @@ class StatePropagator:
                 qv = q[:, 2 * d :]
                 w[n] = w[n] + qv * k[n]["k2"]
                 parts[n].append(k[n]["b2"] * (qv + qt * k[n]["S"]))
-            out[n] = (-clip) * (rec.grads[n].to(self.device, self.dtype) * r) @ w[n].T
-        # W diag(rho) H = (H (W diag(rho))^T)^T, H symmetric
-        rw = {n: (x * rho[n].to(self.device, self.dtype)).T for n, x in w.items()}
-        wh = curvature_times(curvature or empirical_fisher(rec), rw, self.dtype)
+            rw[n] = w[n] * r  # W diag(rho), then clipping's P on the right: W diag(rho) (I - q (rho q)^T)
+            if "q" in k[n]:
+                rw[n] = project_rows(rw[n], k[n]["q"], r)
+            out[n] = (-clip) * rec.grads[n].to(self.device, self.dtype) @ rw[n].T
+        # W diag(rho) P H = (H (W diag(rho) P)^T)^T, H symmetric
+        wh = curvature_times(curvature or empirical_fisher(rec), {n: x.T for n, x in rw.items()}, self.dtype)
         for n, (qt, *rest) in parts.items():
             self.Q[n] = torch.cat([qt * k[n]["decay"] + clip * wh[n].T + w[n] * k[n]["lam"], *rest], dim=1)
         return out

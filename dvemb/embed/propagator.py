@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dvemb.types import Rate, StepGrads
-
-Vectors = dict[str, torch.Tensor]  # layer -> [n, D]
+from dvemb.embed.clipping import project_columns, project_rows
+from dvemb.types import Rate, StepGrads, Vectors
 
 
 @dataclass
@@ -84,11 +83,19 @@ class Propagator:
             out.update(zip(sub, torch.baddbmm(x * c[:, None, :], x, m if transpose else m.transpose(1, 2), alpha=-1.0)))
         return out
 
-    def step(self, rec: StepGrads, lr: Rates, weight_decay: Rates = 0.0, curvature: Curvature | None = None) -> Vectors:
-        """Embed step ``rec`` (returns layer -> [B, D] embeddings Q E g), then fold A_t into Q.
+    def step(
+        self,
+        rec: StepGrads,
+        lr: Rates,
+        weight_decay: Rates = 0.0,
+        curvature: Curvature | None = None,
+        clip: Vectors | None = None,
+    ) -> Vectors:
+        """Embed step ``rec`` (returns layer -> [B, D] embeddings Q E P g), then fold A_t = D_t - E_t P H_t into Q.
 
         lr, weight_decay: the step's LR and coupled decay (decay factor 1 - lr * wd), one float for every
         layer or layer -> float | [D] (each stored coordinate's own param group; dvemb.types.Schedule.rates).
+        clip: a clipped step's direction q per layer (``P = I - q q^T``, dvemb.embed.clipping); None: P = I.
         """
         curv = curvature or empirical_fisher(rec)
         coef = curv.coef.to(self.device, self.dtype)
@@ -103,12 +110,13 @@ class Propagator:
                 c = (1.0 - eta64 * self.rates(weight_decay, names, d)).to(self.dtype)
                 eta = eta64.to(self.dtype)[:, None, :]
             g = self._stack(rec.grads, names)
-            e = self._q_e(g, m, cq, eta)
-            if curv.product is not None:  # (C - M) E H = (H E (C - M)^T)^T, H symmetric
+            q = self._stack({n: v[None] for n, v in clip.items()}, names)[:, 0] if clip is not None else None
+            e = self._q_e(g if q is None else project_rows(g, q), m, cq, eta)
+            if curv.product is not None:  # (C - M) E P H = (H P E (C - M)^T)^T, H and P symmetric
                 y = (eta if isinstance(eta, float) else eta.transpose(1, 2)) * (
                     torch.diag_embed(cq) - m.transpose(1, 2)
                 )
-                hy = curv.product(dict(zip(names, y)))
+                hy = curv.product(dict(zip(names, y if q is None else project_columns(y, q))))
                 upd = torch.stack([hy[n] for n in names]).transpose(1, 2)
                 m.mul_(c if uniform else c[:, None, :]).add_(upd)
                 cq.mul_(c)
@@ -118,7 +126,7 @@ class Propagator:
                 f, ef = g, e
             else:
                 f = self._stack(curv.vectors, names)
-                ef = self._q_e(f, m, cq, eta)
+                ef = self._q_e(f if q is None else project_rows(f, q), m, cq, eta)
             upd = (ef * coef[None, :, None]).transpose(1, 2)
             if uniform:
                 m.baddbmm_(upd, f, beta=c)

@@ -9,13 +9,14 @@ from collections.abc import Sequence
 import torch
 
 from dvemb.embed.adam import AdamRun, StoredCoordinates, adam_coefficients, adam_step_coefficients
+from dvemb.embed.clipping import with_clip_directions
 from dvemb.embed.linear_state import StepCoef, sampling_ratio
 from dvemb.embed.momentum import MomentumRun, momentum_coefficients
 from dvemb.runtask import model_at
 from dvemb.store.gradstore import read_projection
 from dvemb.store.rundir import RunDir, load_tensors
 from dvemb.store.trajectory import read_steps, stored_groups, was_skipped
-from dvemb.types import OptimizerSpec, StepGrads
+from dvemb.types import OptimizerSpec, StepGrads, clipped_norms
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +121,19 @@ def state_coefficients(
     run: RunDir, records: Sequence[StepGrads], dtype: torch.dtype
 ) -> tuple[list[StepCoef], list[float], dict[str, torch.Tensor]]:
     """For consecutive ``records`` from a boundary of a run with :func:`state_kind`: each step's linear-state
-    coefficients, its clip factor, and each layer's sampling ratios ([D])."""
+    coefficients (with clipping's direction ``q`` at clipped steps, dvemb.embed.clipping), its clip factor, and each
+    layer's sampling ratios ([D])."""
+    spec = optimizer_spec(run)
     if state_kind(run) == "adamw":
         adam = adam_run(run)
         coords, params = stored_coordinates(run, dtype)
         coef = adam_step_coefficients(adam_coefficients(records, adam, coords, params), adam.betas)
-        return coef, [float(adam.clip[r.step]) for r in records], coords.rho()
-    mom = momentum_run(run)
-    specs = read_projection(run.projection)
-    dims = {n: s.dim for n, s in specs.items()}
-    rho = {n: torch.full((s.dim,), sampling_ratio(s), dtype=torch.float64) for n, s in specs.items()}
-    return momentum_coefficients(records, mom, dims), [float(mom.clip[r.step]) for r in records], rho
+        clip, rho = [float(adam.clip[r.step]) for r in records], coords.rho()
+    else:
+        mom = momentum_run(run)
+        specs = read_projection(run.projection)
+        dims = {n: s.dim for n, s in specs.items()}
+        rho = {n: torch.full((s.dim,), sampling_ratio(s), dtype=torch.float64) for n, s in specs.items()}
+        coef, clip = momentum_coefficients(records, mom, dims), [float(mom.clip[r.step]) for r in records]
+    with_clip_directions(coef, records, dict(zip((r.step for r in records), clipped_norms(clip, spec.grad_clip))))
+    return coef, clip, rho

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dvemb.embed.blocks import check_blocks, merge_curvature, merge_schedule, merge_step
+from dvemb.embed.clipping import clip_direction
 from dvemb.embed.propagator import Curvature, Propagator
 from dvemb.types import Schedule, StepGrads
 
@@ -48,7 +49,8 @@ def embed_steps(
     out = []
     for rec in reversed(records):
         lr, wd = schedule.rates(rec.step, dims)
-        emb = prop.step(rec, lr, wd, curvature(rec) if curvature else None)
+        clip = clip_direction(rec, schedule.clipped_norm(rec.step), dtype)
+        emb = prop.step(rec, lr, wd, curvature(rec) if curvature else None, clip)
         out.append(StepGrads(rec.step, rec.sample_ids, rec.weights, emb))
     out.reverse()
     return out, prop

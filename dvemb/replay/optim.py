@@ -21,11 +21,10 @@ from collections.abc import Mapping
 import torch
 
 from dvemb.errors import ReplayError  # noqa: F401  (raised by the replay; imported from here by callers)
-from dvemb.types import SEP, OptimizerSpec, StepHyper, torch_state  # noqa: F401  (the step map's records)
+from dvemb.types import CLIP_EPS, SEP, OptimizerSpec, StepHyper, torch_state  # noqa: F401  (the step map's records)
 
 Params = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
-CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
 
 
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:

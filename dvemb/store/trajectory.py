@@ -11,7 +11,7 @@ import torch
 from dvemb.errors import StoreError
 from dvemb.store.gradstore import read_projection
 from dvemb.store.rundir import RunDir
-from dvemb.types import LayerProjection, Schedule, row_columns, selection
+from dvemb.types import LayerProjection, Schedule, clipped_norms, row_columns, selection
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,12 @@ def read_schedule(run: RunDir) -> Schedule:
     lr, wd = df["lr"].to_list(), df["weight_decay"].to_list()
     opt = run.meta().get("optimizer") or {}
     groups = [g["params"] for g in opt.get("groups", [])]
-    if len(groups) < 2 or "group_lr" not in df.columns or not run.projection.exists():
-        return Schedule(lr=lr, weight_decay=wd)
-    sgd = opt.get("kind") == "sgd"
     clip = df["clip_factor"].to_list() if "clip_factor" in df.columns else [1.0] * df.height
+    max_norm = opt.get("grad_clip")
+    norms = clipped_norms(clip, max_norm) if max_norm is not None else None
+    if len(groups) < 2 or "group_lr" not in df.columns or not run.projection.exists():
+        return Schedule(lr=lr, weight_decay=wd, clip_norm=norms)
+    sgd = opt.get("kind") == "sgd"
     group_lr, group_wd = [], []
     rows = zip(lr, df["group_lr"].to_list(), df["group_weight_decay"].to_list(), clip)
     for t, (lr_t, glr, gwd, c) in enumerate(rows):
@@ -53,7 +55,7 @@ def read_schedule(run: RunDir) -> Schedule:
     group_of = {p: i for i, ps in enumerate(groups) for p in ps}
     specs = read_projection(run.projection)
     layers = {n: stored_groups(n, s, group_of, frozen=len(groups)) for n, s in specs.items()}
-    return Schedule(lr, wd, group_lr, group_wd, layers)
+    return Schedule(lr, wd, group_lr, group_wd, layers, clip_norm=norms)
 
 
 def was_skipped(lr: float, group_lr: Sequence[float], clip: float) -> bool:
