@@ -69,7 +69,9 @@ class StoredCoordinates:
         self.proj = {n: Projector(s, torch.float64) for n, s in specs.items()}
         for n, s in specs.items():
             if len(s.params) > 2 or kind_of(self.modules[n]) is None:
-                raise CaptureError(f"layer {n!r}: the Adam-aware mode supports untied layers of a known kind only")
+                raise CaptureError(
+                    f"layer {n!r}: the Adam-aware mode and embed.curvature=hessian need untied layers of a known kind"
+                )
 
     def ratio(self, name: str) -> float:
         """Parameters per stored coordinate of layer ``name`` (1 unprojected; d / k for a subsample)."""
