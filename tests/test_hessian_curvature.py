@@ -146,6 +146,28 @@ def test_clipped_embeddings_give_the_direct_scores_on_a_sampled_store(runs, curv
     np.testing.assert_allclose(embedded, direct, rtol=0, atol=1e-10 * np.abs(direct).max())
 
 
+def test_embedding_mode_answers_from_the_embeddings_as_built_and_says_so(runs, caplog):
+    """Embeddings built with the Hessian over the model, then queried with other embed settings: the scores are the
+    embeddings' (the Hessian's), and a warning names both settings and how to re-embed; the same settings: none."""
+    run = RunDir(runs["rowwise"])
+    built = _scores(run, "embedding", "model", "hessian")
+    cfg = run_config(run).model_copy(deep=True)
+    cfg.score.mode, cfg.score.checkpoints = "embedding", False
+    cfg.embed.curvature, cfg.embed.blocks = "empirical", "layer"
+    with caplog.at_level("WARNING"):
+        got = occurrence_scores(run, cfg).sort("step", "sample_id")["score"].to_numpy()
+    np.testing.assert_array_equal(got, built)
+    text = " ".join(caplog.text.split())
+    assert "built with embed.curvature=hessian, embed.blocks=model" in text, text
+    assert "--set embed.curvature=empirical --set embed.blocks=layer" in text, text
+    assert "embed.curvature=empirical, embed.blocks=layer; the adamw-aware" not in text  # advice follows the build
+    caplog.clear()
+    cfg.embed.curvature, cfg.embed.blocks = "hessian", "model"
+    with caplog.at_level("WARNING"):
+        occurrence_scores(run, cfg)
+    assert "built with" not in caplog.text
+
+
 def test_a_run_whose_replay_misses_its_boundary_is_refused_with_the_step(runs, tmp_path):
     """A tampered boundary checkpoint: `dvemb score` with the Hessian curvature exits 2 saying the replay misses the
     recorded state at a step, with no traceback, and writes no scores."""

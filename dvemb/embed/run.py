@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar, overload
 
 import torch
+from safetensors import safe_open
 
 from dvemb.checks import finite, finite_records
 from dvemb.config import EmbedConfig, writes_embeddings
@@ -78,7 +79,8 @@ def embed_segment(
     dims = {n: g.shape[1] for n, g in emb[0].grads.items()}
     with SegmentWriter(run.embeddings(segment), dims, dtype=embed.dtype, kind="embeddings") as w:
         w.write_steps(emb)
-    save_tensors(run.propagator(segment), prop.state_dict(), metadata={"segment": str(segment)})
+    meta = {"segment": str(segment), "curvature": embed.curvature, "blocks": embed.blocks}
+    save_tensors(run.propagator(segment), prop.state_dict(), metadata=meta)
     return str(run.embeddings(segment)), str(run.propagator(segment))
 
 
@@ -114,6 +116,17 @@ def load_propagator(state: dict[str, torch.Tensor], device: str = "cpu") -> Prop
     if any(k.startswith("Q.") for k in state):
         return StatePropagator.from_state_dict(state, device)
     return Propagator.from_state_dict(state, device)
+
+
+def embedded_settings(run: RunDir) -> dict[str, str]:
+    """``curvature`` and ``blocks`` the run's embeddings were built with (from segment 0's propagator; empty when
+    there are none or the files predate the record)."""
+    path = run.propagator(0)
+    if not path.exists():
+        return {}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return {k: meta[k] for k in ("curvature", "blocks") if k in meta}
 
 
 def load_embeddings(

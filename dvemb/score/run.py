@@ -17,7 +17,7 @@ from dvemb.data import TableDataModule
 from dvemb.embed.curvature import curvature_fn, recorded_curvature
 from dvemb.embed.direct import direct_scores
 from dvemb.embed.recorded_state import curvature_advice, state_kind
-from dvemb.embed.run import DTYPES, load_embeddings
+from dvemb.embed.run import DTYPES, embedded_settings, load_embeddings
 from dvemb.embed.segments import CurvatureFn
 from dvemb.runtask import model_at, task_of
 from dvemb.score.exact import exact_occurrences
@@ -103,7 +103,21 @@ def occurrence_scores(run: RunDir, cfg: RunConfig, val: Path | None = None) -> p
     k = len(b) - 1
     checkpoints = range(1, k + 1) if cfg.score.checkpoints else [k]
     dtype, device = DTYPES[cfg.embed.dtype], cfg.embed.device
-    if cfg.score.mode != "exact" and (advice := curvature_advice(run, cfg.embed.curvature, cfg.embed.blocks)):
+    embed = cfg.embed
+    if cfg.score.mode == "embedding":  # answered from the embeddings as built, whatever embed.* says here
+        built = embedded_settings(run)
+        if differ := {k: v for k, v in built.items() if getattr(embed, k) != v}:
+            log.warning(
+                "%s: the embeddings were built with %s; embedding mode answers from them as built, not with %s: "
+                "re-embed with `dvemb embed %s %s --set embed.write=always` for that",
+                run.root,
+                ", ".join(f"embed.{k}={v}" for k, v in built.items()),
+                ", ".join(f"embed.{k}={getattr(embed, k)}" for k in differ),
+                run.root,
+                " ".join(f"--set embed.{k}={getattr(embed, k)}" for k in built),
+            )
+        embed = embed.model_copy(update=built)
+    if cfg.score.mode != "exact" and (advice := curvature_advice(run, embed.curvature, embed.blocks)):
         log.warning(advice)
     tables = []
     if cfg.score.mode == "exact":
