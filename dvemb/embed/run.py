@@ -9,6 +9,7 @@ momentum (theta, b).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar, overload
@@ -79,8 +80,8 @@ def embed_segment(
     dims = {n: g.shape[1] for n, g in emb[0].grads.items()}
     with SegmentWriter(run.embeddings(segment), dims, dtype=embed.dtype, kind="embeddings") as w:
         w.write_steps(emb)
-    meta = {"segment": str(segment), "curvature": embed.curvature, "blocks": embed.blocks}
-    save_tensors(run.propagator(segment), prop.state_dict(), metadata=meta)
+    built = {"segment": segment, "curvature": embed.curvature, "blocks": embed.blocks}
+    save_tensors(run.propagator(segment), prop.state_dict(), metadata={"embedding": json.dumps(built, sort_keys=True)})
     return str(run.embeddings(segment)), str(run.propagator(segment))
 
 
@@ -125,7 +126,7 @@ def embedded_settings(run: RunDir) -> dict[str, str]:
     if not path.exists():
         return {}
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+        meta = json.loads((f.metadata() or {}).get("embedding", "{}"))
     return {k: meta[k] for k in ("curvature", "blocks") if k in meta}
 
 

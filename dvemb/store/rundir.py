@@ -214,7 +214,11 @@ class RunDir:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomic safetensors write (contiguous CPU copies; a tensor sharing memory with an earlier one, e.g. a
-    weight tied to another, is stored as its own copy under its own name)."""
+    weight tied to another, is stored as its own copy under its own name). ``metadata``: at most one key —
+    safetensors writes several in a per-process random order, and files are compared byte for byte (a resumed run
+    against an uninterrupted one); put several values into one JSON string."""
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError(f"safetensors metadata {sorted(metadata)}: one key, a JSON string for several values")
     out, seen = {}, set()
     for k, v in tensors.items():
         t = v.detach().cpu().contiguous()
